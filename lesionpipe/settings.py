@@ -1,0 +1,196 @@
+"""Every tunable of lesionpipe in one frozen object, read from and written to TOML.
+
+The command line builds one :class:`Settings`; tests build it directly. A copy is written next to
+each visit's outputs so that any count can be traced to the exact parameters that produced it.
+
+Top-level keys are the image pipeline's; ``[analysis]`` holds the efficacy model's and ``[review]``
+the central-reader application's.
+
+>>> s = Settings()
+>>> s.connectivity, s.min_voxels, s.min_volume_mm3
+(26, 3, 10.0)
+>>> Settings.from_toml_string(s.to_toml_string()) == s
+True
+>>> Settings.from_toml_string('min_voxels = 5').min_voxels
+5
+>>> Settings.from_toml_string('bogus = 1')
+Traceback (most recent call last):
+...
+ValueError: unknown setting 'bogus' in settings TOML
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    """Efficacy model (``lesionpipe analyze``): visit windows and model choices (MESEMS defaults)."""
+
+    baseline_week: int = 0
+    period1_weeks: tuple[int, ...] = (4, 12, 24)
+    period2_weeks: tuple[int, ...] = (28, 36, 48)
+    #: arm label used as the reference; empty = the label containing "placebo"
+    reference_arm: str = ""
+    #: covariates from the design table added to the primary model (baseline GELs always are)
+    covariates: tuple[str, ...] = ()
+    #: offset log(number of available scans in the window)
+    offset_scans: bool = True
+    alpha: float = 0.05
+
+
+@dataclass(frozen=True)
+class ReviewSettings:
+    """Central-reader review application."""
+
+    #: "count": readers disagree when confirmed counts differ; "lesions": when lesion sets differ
+    disagreement_rule: str = "lesions"
+    readers_per_visit: int = 2
+    #: centroid distance (mm) within which two readers' added lesions are the same lesion
+    match_distance_mm: float = 3.0
+    session_timeout_minutes: int = 240
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Image pipeline tunables (top level) plus the analysis and review sections."""
+
+    # --- counting rule -------------------------------------------------------------------
+    #: 3-D neighbourhood defining one lesion: 6, 18 or 26
+    connectivity: int = 26
+    #: a GEL has at least this many voxels ...
+    min_voxels: int = 3
+    #: ... and at least this volume
+    min_volume_mm3: float = 10.0
+
+    # --- preprocessing -------------------------------------------------------------------
+    #: run N4 bias-field correction
+    bias_correct: bool = True
+    #: N4 works on a copy shrunk by this factor (the field is smooth)
+    n4_shrink: int = 4
+    n4_iterations: tuple[int, ...] = (50, 50, 30)
+    #: register pre to post (rigid, Mattes mutual information)
+    register: bool = True
+    registration_sampling: float = 0.05
+    #: resample both images to this isotropic-in-plane working resolution (mm); 0 = native
+    work_resolution_mm: float = 0.0
+
+    # --- detection -----------------------------------------------------------------------
+    #: enhancement threshold, in robust standard deviations of the brain's subtraction map
+    subtraction_z: float = 4.0
+    #: post-only threshold, in robust standard deviations of normal-appearing white matter
+    post_only_z: float = 4.0
+    #: minimum enhancement of a lesion's peak over normal-appearing white matter, percent
+    min_peak_enhancement_pct: float = 15.0
+    #: candidates whose centroid lies closer than this to the brain surface are rejected (mm)
+    surface_margin_mm: float = 3.0
+    #: candidates overlapping the dilated ventricles by more than this fraction are rejected
+    max_ventricle_overlap: float = 0.3
+    #: elongation (major/minor principal axis) above which a candidate is a vessel
+    max_elongation: float = 3.5
+    #: Frangi-style vesselness above which a candidate is a vessel
+    max_vesselness: float = 0.5
+    #: path of a shipped candidate classifier ("" = the package default, "none" = rules only)
+    classifier: str = ""
+
+    analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
+    review: ReviewSettings = field(default_factory=ReviewSettings)
+
+    # ------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        if self.connectivity not in (6, 18, 26):
+            raise ValueError(f"connectivity must be 6, 18 or 26, not {self.connectivity}")
+        if self.min_voxels < 1:
+            raise ValueError("min_voxels must be >= 1")
+        if self.min_volume_mm3 < 0:
+            raise ValueError("min_volume_mm3 must be >= 0")
+
+    @property
+    def skimage_connectivity(self) -> int:
+        """The ``connectivity`` argument scikit-image expects (1, 2 or 3)."""
+        return {6: 1, 18: 2, 26: 3}[self.connectivity]
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    # --- TOML ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_toml_string(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def to_toml(self, path: str | Path) -> None:
+        from lesionpipe.imageio import atomic_write_text
+
+        atomic_write_text(path, self.to_toml_string())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Settings":
+        data = dict(data)
+        sections = {"analysis": AnalysisSettings, "review": ReviewSettings}
+        kwargs: dict[str, Any] = {}
+        for name, klass in sections.items():
+            if name in data:
+                kwargs[name] = _build(klass, data.pop(name), prefix=f"{name}.")
+        kwargs.update(_build_kwargs(cls, data, exclude=set(sections)))
+        return cls(**kwargs)
+
+    @classmethod
+    def from_toml_string(cls, text: str) -> "Settings":
+        return cls.from_dict(tomllib.loads(text))
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "Settings":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ValueError(f"cannot read settings file {path}: {exc.strerror}") from None
+        try:
+            return cls.from_toml_string(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"settings file {path} is not valid TOML: {exc}") from None
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _build_kwargs(klass: type, data: dict[str, Any], *, exclude: set[str] = frozenset(),
+                  prefix: str = "") -> dict[str, Any]:
+    fields = {f.name: f for f in dataclasses.fields(klass) if f.name not in exclude}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ValueError(f"unknown setting '{prefix}{key}' in settings TOML")
+        default = getattr(klass(), key) if not dataclasses.is_dataclass(fields[key].type) else None
+        if isinstance(default, tuple):
+            value = tuple(value)
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"setting '{prefix}{key}' must be true or false, not {value!r}")
+        elif isinstance(default, float) and isinstance(value, int):
+            value = float(value)
+        elif default is not None and not isinstance(value, type(default)):
+            raise ValueError(f"setting '{prefix}{key}' must be a {type(default).__name__}, "
+                             f"not {value!r}")
+        kwargs[key] = value
+    return kwargs
+
+
+def _build(klass: type, data: Any, *, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"settings section [{prefix.rstrip('.')}] must be a table")
+    return klass(**_build_kwargs(klass, data, prefix=prefix))

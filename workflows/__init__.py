@@ -1,0 +1,1 @@
+"""Nipype workflow factories (installed as lesionpipe.workflows)."""
