@@ -89,10 +89,16 @@ class Settings:
     post_only_z: float = 4.0
     #: minimum enhancement of a lesion's peak over normal-appearing white matter, percent
     min_peak_enhancement_pct: float = 15.0
+    #: minimum mean enhancement of a candidate above its 2 mm surroundings, percent
+    min_local_contrast_pct: float = 8.0
     #: candidates whose centroid lies closer than this to the brain surface are rejected (mm)
     surface_margin_mm: float = 3.0
     #: candidates overlapping the dilated ventricles by more than this fraction are rejected
     max_ventricle_overlap: float = 0.3
+    #: candidates larger than this are not lesions (global enhancement, misregistration)
+    max_volume_mm3: float = 20000.0
+    #: minimum share of a candidate's 2 mm surroundings that reads as white matter
+    min_shell_wm: float = 0.25
     #: elongation (major/minor principal axis) above which a candidate is a vessel
     max_elongation: float = 3.5
     #: Frangi-style vesselness above which a candidate is a vessel

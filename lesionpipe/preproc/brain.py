@@ -1,0 +1,176 @@
+"""Brain mask and intensity normalisation to normal-appearing white matter (NAWM = 100).
+
+The scans carry skull, bright scalp fat and marrow, so the mask is built from tissue intensity
+classes and morphology in millimetres:
+
+1. head mask (air removed); tissue classes estimated in the head's core, away from scalp and skull;
+2. brain-like tissue = grey-to-white matter intensities (CSF, bone, air and fat excluded);
+3. an erosion of a few mm cuts the thin bridges through skull and meninges; the largest component
+   near the head's centre is the brain; it is grown back inside the tissue, and the ventricles and
+   sulci are filled by closing and hole filling.
+
+Normalisation divides by a smooth map of local white-matter intensity, so residual bias and gain
+vanish and enhancement is measured in percent of the surrounding white matter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.filters import threshold_multiotsu
+
+from lesionpipe.preproc.morph import (close, dilate, downsample_factors, erode, fill_holes_2d,
+                                      largest_component)
+
+
+@dataclass
+class TissueLevels:
+    csf: float
+    gm: float
+    wm: float
+
+    @property
+    def csf_gm(self) -> float:
+        """Threshold between CSF and grey matter."""
+        return 0.5 * (self.csf + self.gm)
+
+
+def _mode(values: np.ndarray, bins: int = 128) -> float:
+    """Mode of a smoothed histogram.
+
+    >>> x = np.concatenate([np.random.default_rng(0).normal(100, 5, 5000), np.full(100, 300.)])
+    >>> abs(_mode(x) - 100) < 5
+    True
+    """
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    hist, edges = np.histogram(values, bins=bins, range=(lo, hi))
+    hist = ndi.gaussian_filter1d(hist.astype(float), 2)
+    i = int(np.argmax(hist))
+    return float(0.5 * (edges[i] + edges[i + 1]))
+
+
+def tissue_levels(data: np.ndarray, region: np.ndarray) -> TissueLevels:
+    """CSF, GM and WM intensity levels from a region holding mostly brain (3-class Otsu + modes)."""
+    vals = data[region & np.isfinite(data)]
+    if vals.size > 400_000:
+        vals = vals[:: vals.size // 400_000 + 1]
+    lo, hi = np.percentile(vals, [0.5, 99.5])
+    vals = vals[(vals >= lo) & (vals <= hi)]
+    t1, t2 = threshold_multiotsu(vals, classes=3)
+    wm = _mode(vals[vals > t2])
+    gm = _mode(vals[(vals > t1) & (vals <= t2)])
+    csf = float(np.median(vals[vals <= t1]))
+    # a scan may hold so little CSF that the lowest class is grey matter: keep levels ordered
+    gm = min(gm, 0.92 * wm)
+    csf = min(csf, 0.75 * gm)
+    return TissueLevels(csf=csf, gm=gm, wm=wm)
+
+
+def brain_mask(data: np.ndarray, zooms, head: np.ndarray, *, erosion_mm: float = 4.0,
+               closing_mm: float = 4.0) -> tuple[np.ndarray, TissueLevels]:
+    """Brain mask (cerebrum, cerebellum, ventricles, sulci) of a bias-corrected T1 with skull.
+
+    Returns the mask and the tissue levels found. Works at the native grid; anisotropy is handled
+    by millimetre morphology.
+    """
+    zooms = np.asarray(zooms, float)
+    head_depth = ndi.distance_transform_edt(head, sampling=zooms)
+    core = head & (head_depth > min(25.0, 0.35 * head_depth.max()))
+    levels = tissue_levels(data, core)
+    tissue = head & (data > levels.csf_gm) & (data < levels.wm * 1.22)
+    seed = erode(tissue, erosion_mm, zooms)
+    seed = _central_component(seed, head_depth, zooms)
+    if not seed.any():
+        raise ValueError("no brain found: the tissue classes did not separate (check the image)")
+    grown = dilate(seed, erosion_mm + 1.0, zooms) & (tissue | dilate(seed, 1.0, zooms))
+    grown = largest_component(grown)
+    mask = close(grown, closing_mm, zooms)
+    mask = ndi.binary_fill_holes(mask)
+    mask = fill_holes_2d(mask, int(np.argmax(zooms)))
+    # a thin ring of CSF/dura may have been added by closing; keep it: the surface filter handles it
+    refined = tissue_levels(data, erode(mask, 3.0, zooms))
+    return mask, refined
+
+
+def _central_component(mask: np.ndarray, head_depth: np.ndarray, zooms) -> np.ndarray:
+    """The largest component among those whose deepest point is deep inside the head."""
+    lab, n = ndi.label(mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    depth_max = ndi.maximum(head_depth, lab, index=np.arange(n + 1))
+    deep = np.asarray(depth_max) > 0.5 * head_depth.max()
+    sizes = np.where(deep, sizes, 0)
+    if sizes.max() == 0:
+        return largest_component(mask)
+    return lab == int(np.argmax(sizes))
+
+
+def wm_mask(data: np.ndarray, brain: np.ndarray, levels: TissueLevels, zooms) -> np.ndarray:
+    """Voxels confidently in white matter: WM intensity, away from the brain surface."""
+    gm_wm = 0.5 * (levels.gm + levels.wm)
+    inner = erode(brain, 4.0, zooms)
+    return inner & (data > gm_wm) & (data < levels.wm * 1.15)
+
+
+def local_reference(data: np.ndarray, mask: np.ndarray, zooms, *, sigma_mm: float = 15.0,
+                    fallback: float | None = None) -> np.ndarray:
+    """Smooth map of the mean of ``data`` over ``mask`` (normalised convolution), everywhere.
+
+    Computed on a ~4 mm grid and interpolated back: cheap and as smooth as a bias field.
+    """
+    zooms = np.asarray(zooms, float)
+    f = downsample_factors(zooms, 4.0)
+    sl = tuple(slice(None, None, k) for k in f)
+    small = np.where(mask, data, 0)[sl].astype(np.float32)
+    w = mask[sl].astype(np.float32)
+    small_z = zooms * np.array(f)
+    sig = [sigma_mm / z for z in small_z]
+    num = ndi.gaussian_filter(small, sig, mode="constant")
+    den = ndi.gaussian_filter(w, sig, mode="constant")
+    ref_val = fallback if fallback is not None else float(np.median(data[mask]))
+    # where there is little WM nearby, blend toward the global level
+    ref = (num + 1e-3 * ref_val) / (den + 1e-3)
+    zoom = [a / b for a, b in zip(data.shape, small.shape)]
+    up = ndi.zoom(ref, zoom, order=1, mode="nearest", grid_mode=True)
+    up = _fit_shape(up, data.shape, fill=ref_val)
+    return up.astype(np.float32)
+
+
+def _fit_shape(arr: np.ndarray, shape, *, fill: float) -> np.ndarray:
+    out = np.full(shape, fill, np.float32)
+    s = tuple(slice(0, min(a, b)) for a, b in zip(arr.shape, shape))
+    out[s] = arr[s]
+    return out
+
+
+def normalise(data: np.ndarray, wm: np.ndarray, zooms, *, sigma_mm: float = 15.0) -> np.ndarray:
+    """Scale so local normal white matter reads 100."""
+    ref = local_reference(data, wm, zooms, sigma_mm=sigma_mm)
+    global_wm = float(np.median(data[wm]))
+    ref = np.clip(ref, 0.5 * global_wm, 2.0 * global_wm)
+    return (100.0 * data / ref).astype(np.float32)
+
+
+def match_levels(data: np.ndarray, src: TissueLevels, dst: TissueLevels) -> np.ndarray:
+    """Map ``data`` piecewise-linearly so its CSF, GM and WM levels land on ``dst``'s.
+
+    Pre- and post-contrast T1 often come from different sequences (spin echo before, gradient
+    echo after), whose grey/white contrast differs; matching the tissue levels first keeps that
+    difference out of the subtraction. Above white matter the slope is 1 (percent stays percent).
+
+    >>> src, dst = TissueLevels(20, 60, 100), TissueLevels(30, 75, 100)
+    >>> match_levels(np.array([20., 60., 100., 130.]), src, dst).tolist()
+    [30.0, 75.0, 100.0, 130.0]
+    """
+    xs = [0.0, src.csf, src.gm, src.wm]
+    ys = [0.0, dst.csf, dst.gm, dst.wm]
+    if not (np.all(np.diff(xs) > 0) and np.all(np.diff(ys) > 0)):
+        return data.astype(np.float32)
+    out = np.interp(data, xs, ys)
+    above = data > src.wm
+    out[above] = dst.wm + (data[above] - src.wm) * (dst.wm / src.wm)
+    return out.astype(np.float32)
