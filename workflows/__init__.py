@@ -1,1 +1,5 @@
-"""Nipype workflow factories (installed as lesionpipe.workflows)."""
+"""Nipype workflow factories (installed as ``lesionpipe.workflows``)."""
+
+import os
+
+os.environ.setdefault("NIPYPE_NO_ET", "1")
