@@ -54,6 +54,7 @@ def run_batch(visits: list[Visit], *, bids_dir: Path, output_dir: Path, work_dir
     log_root = output_dir / "logs"
 
     nipype_config.set("execution", "check_version", "false")
+    _quiet_nipype()
     workflow = init_lesionpipe_wf(visits=visits, output_dir=str(output_dir), work_dir=str(work_dir),
                                   settings=settings, omp_nthreads=omp_nthreads, reports=reports)
     workflow.config["execution"] = {
@@ -99,6 +100,17 @@ def run_batch(visits: list[Visit], *, bids_dir: Path, output_dir: Path, work_dir
     failed = run_df[run_df.status == "failed"]
     _print_summary(run_df, failed, output_dir, echo=echo)
     return BatchResult(table=run_df, failed=failed)
+
+
+def _quiet_nipype() -> None:
+    """Nipype's per-node INFO lines drown the progress lines; keep its warnings and errors."""
+    from nipype import logging as nlogging
+
+    for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
+        logger = nlogging.getLogger(name)
+        if logger.getEffectiveLevel() < logging.WARNING:
+            logger.setLevel(logging.WARNING)
+        logger.propagate = False
 
 
 class _Progress:

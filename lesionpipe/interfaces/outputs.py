@@ -138,8 +138,14 @@ class WriteDerivatives(SimpleInterface):
                           Path(i.candidates).read_text())
 
         def _img(path, name, dtype=np.float32):
-            data = np.asanyarray(nb.load(path).dataobj).astype(dtype)
-            atomic_save_nifti(like_image(data, ref), anat / name)
+            data = np.asanyarray(nb.load(path).dataobj).astype(np.float32)
+            out = like_image(data if dtype == np.float32 else data.astype(dtype), ref)
+            if dtype == np.float32:
+                # review images: int16 with a scale factor nibabel picks from the range (4x
+                # smaller than float32; steps ~ range / 65535)
+                out.set_data_dtype(np.int16)
+                out.header.set_slope_inter(np.nan, np.nan)
+            atomic_save_nifti(out, anat / name)
 
         _img(i.post_norm, f"{post_pfx}_space-orig_desc-preproc_T1w.nii.gz")
         _img(i.enhancement, f"{post_pfx}_space-orig_desc-enhancement_map.nii.gz")

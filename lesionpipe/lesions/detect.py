@@ -119,6 +119,10 @@ def detect_lesions(post_n: np.ndarray, zooms, brain: np.ndarray, settings: Setti
         sl = tuple(slice(max(0, s.start - p), min(dim, s.stop + p))
                    for s, p, dim in zip(sl, pad, lab.shape))
         comp = lab[sl] == idx
+        # extent at half the component's smoothed peak: smoothing must not inflate small lesions
+        local = enh_s[sl]
+        half = max(lo, 0.5 * float(local[comp].max()))
+        comp = comp & (local >= half)
         for piece, how in _split_tubes(comp, zooms, settings):
             feats = _features(piece, sl, enh, depth, csf, ventricles, outside_shell_ok, ref,
                               zooms, vox_vol)

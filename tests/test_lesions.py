@@ -1,0 +1,111 @@
+"""GEL detection on small synthetic normalised volumes with known answers."""
+
+import numpy as np
+import pytest
+
+from lesionpipe.lesions.detect import count_lesions, detect_lesions, lesion_table, principal_axes_mm
+from lesionpipe.settings import Settings
+
+SHAPE = (64, 64, 48)
+
+
+def _brain(zooms=(1.0, 1.0, 1.0), seed=0):
+    """A ball of white matter (100) with a CSF ventricle; pre and post with noise (SD 3)."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(round(s / z)) for s, z in zip(SHAPE, zooms))
+    grid = np.stack(np.meshgrid(*[(np.arange(n) + 0.5) * z for n, z in zip(shape, zooms)],
+                                indexing="ij"), -1)
+    centre = np.array(SHAPE) / 2.0
+    r = np.linalg.norm((grid - centre) / [1.0, 1.0, 0.8], axis=-1)
+    brain = r < 22
+    pre = np.where(brain, 100.0, 0.0)
+    vent = np.linalg.norm((grid - centre) / [2.5, 1.0, 1.0], axis=-1) < 4
+    pre[vent] = 30.0
+    noise = lambda: rng.normal(0, 3.0, shape)  # noqa: E731
+    return grid, brain, pre, noise, zooms
+
+
+def _ball(grid, centre, radius):
+    return np.linalg.norm(grid - np.asarray(centre, float), axis=-1) <= radius
+
+
+def _run(post, pre, brain, zooms, **kw):
+    wm = brain & ((post if pre is None else pre) > 85) & ((post if pre is None else pre) < 115)
+    return detect_lesions(post.astype(np.float32), zooms, brain, Settings(**kw),
+                          pre_n=None if pre is None else pre.astype(np.float32), wm=wm,
+                          csf_level=50.0)
+
+
+@pytest.mark.parametrize("zooms", [(1.0, 1.0, 1.0), (1.0, 1.0, 3.0)])
+@pytest.mark.parametrize("with_pre", [True, False])
+def test_blob_in_white_matter_is_found_and_tube_rejected(zooms, with_pre):
+    grid, brain, pre, noise, zooms = _brain(zooms)
+    post = pre.copy()
+    lesion = _ball(grid, (40, 40, 24), 3.0)               # ~113 mm3, +40 %
+    post[lesion] += 40
+    # a thin enhancing vessel crossing the white matter
+    tube = (np.hypot(grid[..., 0] - 22, grid[..., 2] - 20) < 1.0) & brain
+    post[tube] += 60
+    pre_n = pre + noise()
+    post_n = post + noise()
+    det = _run(post_n, pre_n if with_pre else None, brain, zooms)
+    assert det.labels.max() == 1
+    assert det.labels[lesion].any()
+    assert not det.labels[tube & ~lesion].any()
+    rejected = det.candidates[det.candidates.decision == "reject"]
+    assert "tubular (vessel)" in set(rejected.reason)
+
+
+def test_surface_enhancement_and_tiny_foci_are_rejected():
+    grid, brain, pre, noise, zooms = _brain()
+    post = pre.copy()
+    surface = _ball(grid, (32 + 22, 32, 24), 2.5) & brain  # dura-like, at the brain edge
+    post[surface] += 60
+    tiny = _ball(grid, (24, 40, 24), 0.9)                     # 7 voxels < 10 mm3
+    post[tiny] += 60
+    det = _run(post + noise(), pre + noise(), brain, zooms)
+    assert det.labels.max() == 0
+
+
+def test_empty_scan_has_no_lesions():
+    grid, brain, pre, noise, zooms = _brain()
+    det = _run(pre + noise(), pre + noise(), brain, zooms)
+    assert det.labels.max() == 0
+    assert len(lesion_table(det.labels, det.enhancement, np.eye(4))) == 0
+
+
+def test_min_size_setting_changes_the_count():
+    grid, brain, pre, noise, zooms = _brain()
+    post = pre.copy()
+    small = _ball(grid, (24, 40, 24), 2.0)    # 33 voxels
+    big = _ball(grid, (40, 28, 24), 3.0)
+    post[small] += 50
+    post[big] += 50
+    assert _run(post + noise(), pre + noise(), brain, zooms).labels.max() == 2
+    assert _run(post + noise(), pre + noise(), brain, zooms,
+                min_volume_mm3=60.0).labels.max() == 1
+
+
+def test_touching_lesions_connectivity():
+    m = np.zeros((6, 6, 6), bool)
+    m[1:3, 1:3, 1:3] = True
+    m[3:5, 3:5, 3:5] = True       # touches only at a corner
+    assert count_lesions(m, connectivity=1) == 2
+    assert count_lesions(m, connectivity=3) == 1
+
+
+def test_lesion_table_world_coordinates_with_anisotropic_affine():
+    lab = np.zeros((10, 10, 10), np.int32)
+    lab[2:4, 2:4, 2:4] = 1
+    aff = np.diag([-1.0, 1.0, 3.0, 1.0])
+    aff[:3, 3] = [10, 20, 30]
+    t = lesion_table(lab, np.full(lab.shape, 25.0), aff)
+    row = t.iloc[0]
+    assert row.volume_mm3 == pytest.approx(24.0)
+    assert (row.centroid_x, row.centroid_y, row.centroid_z) == pytest.approx((7.5, 22.5, 37.5))
+
+
+def test_principal_axes_of_a_rod_are_elongated():
+    rod = np.argwhere(np.ones((12, 2, 2), bool))
+    axes = principal_axes_mm(rod, (1, 1, 1))
+    assert axes[0] / axes[1] > 5
