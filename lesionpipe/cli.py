@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -249,6 +250,8 @@ def _cmd_import_dicom(args) -> int:
     from lesionpipe.dicom import (DicomImportError, ImportJob, bids_label, find_dcm2niix,
                                   format_report, import_many, read_batch)
 
+    if args.week is not None and not math.isfinite(args.week):
+        raise UsageError("--week must be a finite number")
     if args.batch:
         single = [o for o, v in (("DICOM_DIR", args.dicom_dir),
                                  ("--participant-label", args.participant_label),

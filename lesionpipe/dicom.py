@@ -109,6 +109,10 @@ class DicomImportError(RuntimeError):
     """The import cannot start (dcm2niix missing, unusable folder); message says what to do."""
 
 
+class SeriesNotUsable(RuntimeError):
+    """dcm2niix made several volumes of one series; fatal for a T1w, a skip for other series."""
+
+
 # ============================================================================================
 # identifying values
 # ============================================================================================
@@ -393,31 +397,48 @@ def _pixel_problem(ds) -> str | None:
     return None
 
 
+class _PydicomRecords(logging.Filter):
+    """Holds back pydicom's log records while a folder is read (they quote tag values and full
+    file paths); the reader turns them into its own de-identified messages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.messages.append(record.getMessage())
+        return False
+
+
 @contextlib.contextmanager
 def _pydicom_reading():
-    """Read without pydicom's value validation: its warnings quote tag values (dates, names)
-    into the log. Restores the previous mode afterwards."""
+    """Read without pydicom's value validation (its warnings quote tag values such as dates and
+    names) and with pydicom's log records held back. Both are restored afterwards."""
     import warnings
 
     from pydicom import config
 
     old = config.settings.reading_validation_mode
     config.settings.reading_validation_mode = config.IGNORE
+    records = _PydicomRecords()
+    pd_log = logging.getLogger("pydicom")
+    pd_log.addFilter(records)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
-            yield
+            yield records
     finally:
+        pd_log.removeFilter(records)
         config.settings.reading_validation_mode = old
 
 
 def scan_folder(dicom_dir: str | Path) -> FolderScan:
     """Read every file below ``dicom_dir`` (read-only) and group the images into series."""
-    with _pydicom_reading():
-        return _scan_folder(Path(dicom_dir))
+    with _pydicom_reading() as records:
+        return _scan_folder(Path(dicom_dir), records)
 
 
-def _scan_folder(dicom_dir: Path) -> FolderScan:
+def _scan_folder(dicom_dir: Path, records: _PydicomRecords) -> FolderScan:
     problems: list[FileProblem] = []
     groups: dict[tuple, Series] = {}
     all_ids = Scrubber()
@@ -432,7 +453,12 @@ def _scan_folder(dicom_dir: Path) -> FolderScan:
                 files.append(p)
     for path in files:
         rel = path.relative_to(dicom_dir).as_posix()
+        records.messages.clear()
         ds, prob = _read_header(path, rel)
+        if ds is not None and any("end of file" in m.lower() for m in records.messages):
+            all_ids.update(identifiers_of(ds))
+            prob, ds = FileProblem(rel, "truncated: the file ends before its last element "
+                                        "(pixel data incomplete)", True), None
         if prob:
             problems.append(prob)
             continue
@@ -868,7 +894,7 @@ def resolve_session(items: list[tuple[SeriesResult, Classification]], *,
     ``post_series`` / ``pre_series`` names one by series number.
     """
     first_tagged_post = next((i for i, (r, c) in enumerate(items)
-                              if c.suffix == "T1w" and c.contrast == "post"
+                              if c.suffix == "T1w" and c.contrast == "post" and not c.ambiguous
                               and any(h.startswith("Contrast") for h in c.how)), None)
     for i, (res, cls) in enumerate(items):
         res.suffix, res.contrast = cls.suffix, cls.contrast
@@ -1273,6 +1299,9 @@ def import_session(dicom_dir: str | Path, bids_dir: str | Path, *, participant: 
                 version = _convert_one(series, res, cls, Path(tmp) / f"s{k}", anat, exe, scrub)
                 dcm_version = dcm_version or version
                 res.status = "imported"
+            except SeriesNotUsable as exc:
+                res.status = "failed" if res.suffix == "T1w" else "skipped"
+                res.messages.append(str(exc))
             except Exception as exc:  # one series failing must not stop the others
                 res.status = "failed"
                 # our own RuntimeErrors carry no identifiers (dcm2niix output is scrubbed);
@@ -1300,18 +1329,19 @@ def import_session(dicom_dir: str | Path, bids_dir: str | Path, *, participant: 
 def _convert_one(series: Series, res: SeriesResult, cls: Classification, work: Path, anat: Path,
                  exe: Path, scrub: Scrubber) -> str | None:
     files = [im.path for im in series.images]
-    niftis, _ = convert_series(files, work, dcm2niix=exe, scrubber=scrub)
+    niftis, text = convert_series(files, work, dcm2niix=exe, scrubber=scrub)
+    LOG.debug("%s: dcm2niix said: %s", res.label, " | ".join(text.split("\n")))
     if not niftis:
         raise RuntimeError("dcm2niix wrote no image for this series")
     if len(niftis) > 1:
-        raise RuntimeError(f"dcm2niix split this series into {len(niftis)} volumes (several "
-                           "echoes, phases or orientations); cannot tell which one to keep")
+        raise SeriesNotUsable(f"dcm2niix split this series into {len(niftis)} volumes (several "
+                              "echoes, phases or orientations); cannot tell which one to keep")
     import nibabel as nb
 
     img = nb.load(str(niftis[0]))
     shape = img.shape
     if len(shape) > 3 and int(np.prod(shape[3:])) > 1:
-        raise RuntimeError(f"converted image is {len(shape)}-D {tuple(shape)}; expected one 3-D "
+        raise SeriesNotUsable(f"converted image is {len(shape)}-D {tuple(shape)}; expected one 3-D "
                            "volume")
     if len(shape) < 3 or min(shape[:3]) < 2:
         raise RuntimeError(f"converted image has shape {tuple(shape)}; expected a 3-D volume")

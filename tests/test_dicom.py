@@ -219,6 +219,9 @@ def test_epi_samples_are_skipped_and_reported(tmp_path, capsys, caplog):
     code, out, err, log = run_cli([src, tmp_path / "bids", "--participant-label", "01",
                                    "--session-label", "w04"], capsys, caplog)
     assert code == 1
+    scan = scan_folder(src)  # every transfer syntax reads as a complete image
+    assert len(scan.series) == 9 and not scan.problems
+    assert all(im.problem is None for s in scan.series for im in s.images)
     assert out.count("SKIPPED") == 9 and "echo-planar" in out
     assert "mixes 9 series" in out
     assert "no post-contrast T1w" in out
@@ -430,4 +433,30 @@ def test_identifier_in_series_description_is_removed(dicom_library, tmp_path, ca
     sc = json.loads((anat(bids) / "sub-01_ses-w04_ce-gadolinium_T1w.json").read_text())
     assert "SeriesDescription" not in sc
     assert "[removed]" in out
+    assert_no_sentinel(bids, out, err, log)
+
+
+@pytest.mark.parametrize("name", ["1.dcm", "5.dcm", "9.dcm"])
+def test_truncated_file_in_any_transfer_syntax_is_reported(tmp_path, name):
+    require_samples()
+    data = (TS_DIR / name).read_bytes()
+    (tmp_path / name).write_bytes(data[: int(len(data) * 0.7)])
+    scan = scan_folder(tmp_path)
+    problems = [p.problem for p in scan.problems if p.fatal]
+    problems += [im.problem for s in scan.series for im in s.images if im.problem]
+    assert len(problems) == 1 and ("truncated" in problems[0] or "pixel data" in problems[0])
+
+
+def test_two_patients_in_one_folder_are_refused(dicom_library, tmp_path, capsys, caplog):
+    require_samples()
+    src = tmp_path / "site"
+    copy_series(dicom_library["pre"], src / "a")
+    write_series(sorted(GE_DIR.iterdir()), src / "b", number=7, tag="other", time="141503",
+                 agent="Gadovist", patient_id="OTHERPATIENT77")
+    bids = tmp_path / "bids"
+    code, out, err, log = run_cli([src, bids, "--participant-label", "01", "--session-label",
+                                   "w04"], capsys, caplog)
+    assert code == 1 and "2 different patients" in out
+    assert not (bids / "sub-01").exists()
+    assert "otherpatient77" not in (out + err + log).lower()
     assert_no_sentinel(bids, out, err, log)
