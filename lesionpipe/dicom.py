@@ -8,8 +8,8 @@ The steps, each a function that can be called on its own:
 2. :func:`classify_series` decides, from DICOM tags first and the series text as a fallback, what a
    series is (``T1w``, ``FLAIR``, ``T2w`` ... or skipped) and whether it was acquired after contrast
    injection, and records how each decision was made. :func:`resolve_session` then looks at the
-   whole session: an untagged T1w acquired before a tagged post-contrast T1w is pre-contrast, and two
-   candidates for the same role are reported as ambiguous instead of being guessed.
+   whole session: an untagged T1w acquired before a tagged post-contrast T1w is pre-contrast, and
+   two candidates for the same role are reported as ambiguous instead of being guessed.
 3. :func:`convert_series` runs ``dcm2niix`` (the PyPI ``dcm2niix`` package) on one series in a
    temporary folder; :func:`deidentified_nifti_bytes` clears every free-text NIfTI header field and
    :func:`clean_sidecar` keeps only whitelisted sidecar keys.
@@ -18,9 +18,11 @@ The steps, each a function that can be called on its own:
 
 De-identification is layered: dcm2niix runs with ``-ba y`` (anonymised sidecar) and an empty ``-c``
 comment; the sidecar is then rebuilt from a whitelist; the NIfTI text fields and extensions are
-cleared; and every string that leaves this module (sidecar text, log and error messages) is checked
-against the identifying values read from the DICOM headers themselves (:class:`Scrubber`), so a
-patient name typed into a series description is removed as well.
+cleared; pydicom reads without value validation and its log records are held back (both quote tag
+values); and every piece of DICOM-derived text that leaves this module (series descriptions, agent
+names, file paths, dcm2niix output) is checked against the identifying values read from the DICOM
+headers themselves (:class:`Scrubber`), so a patient name typed into a series description is
+removed as well.
 """
 
 from __future__ import annotations
@@ -1160,7 +1162,8 @@ def merge_sessions_tsv(path: Path, session: str, week: float | None, *,
     return None
 
 
-def check_week_conflict(path: Path, session: str, week: float | None, overwrite: bool) -> str | None:
+def check_week_conflict(path: Path, session: str, week: float | None,
+                        overwrite: bool) -> str | None:
     """The message :func:`merge_sessions_tsv` would return, without writing."""
     if week is None or overwrite or not path.exists():
         return None

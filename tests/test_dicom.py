@@ -19,7 +19,7 @@ import pytest
 from dicom_fixtures import (GE_DIR, SENTINELS, TS_DIR, TS_REF, copy_series,  # noqa: F401
                             dicom_library, require_samples, tree_digest, write_series)
 from lesionpipe import cli
-from lesionpipe.dicom import (Classification, SeriesResult, classify_series, convert_series,
+from lesionpipe.dicom import (SeriesResult, check_series, classify_series, convert_series,
                               deidentified_nifti_bytes, find_dcm2niix, merge_sessions_tsv,
                               read_batch, resolve_session, scan_folder)
 
@@ -330,14 +330,19 @@ def test_missing_slice_fails_that_series_only(dicom_library, tmp_path, capsys, c
     assert (anat(bids) / "sub-01_ses-w04_T1w.nii.gz").is_file()
     assert not (anat(bids) / "sub-01_ses-w04_ce-gadolinium_T1w.nii.gz").exists()
     assert "need attention: sub-01_ses-w04" in err
-    # an edge slice: no gap in positions, but ImagesInAcquisition says 130
-    post[0].unlink()
-    post[1].unlink()
-    scan = scan_folder(src / "post")
-    from lesionpipe.dicom import check_series
-    msgs = check_series(scan.series[0])
-    assert any("missing slices" in m for m in msgs)
+    assert "gap(s) in the slice positions" in out
     assert_no_sentinel(bids, out, err, log)
+
+
+def test_missing_edge_slice_is_found(dicom_library, tmp_path):
+    edge = tmp_path / "edge"
+    copy_series(dicom_library["post"], edge)
+    images = scan_folder(edge).series[0].images
+    assert check_series(scan_folder(edge).series[0]) == []
+    last = max(images, key=lambda im: im.instance)  # the last slice: no gap is left behind
+    last.path.unlink()
+    msgs = check_series(scan_folder(edge).series[0])
+    assert msgs == ["missing slices: 129 images present, 130 expected (ImagesInAcquisition)"]
 
 
 def test_truncated_empty_and_foreign_files(dicom_library, tmp_path, capsys, caplog):
@@ -365,7 +370,6 @@ def test_mixed_geometry_within_one_series(dicom_library, tmp_path):
     copy_series(dicom_library["pre"], src)
     write_series([TS_DIR / "1.dcm"], tmp_path / "epi", number=5, tag="pre", time="134217")
     (src / "extra.dcm").write_bytes((tmp_path / "epi" / "IM0001.dcm").read_bytes())
-    from lesionpipe.dicom import check_series
     scan = scan_folder(src)
     assert len(scan.series) == 1
     msgs = check_series(scan.series[0])
