@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -218,23 +219,88 @@ def _cmd_simulate(args) -> int:
 # import-dicom  (lesionpipe.dicom)
 # ============================================================================================
 def _add_import_dicom(sub) -> None:
-    p = sub.add_parser("import-dicom", help="convert a site's DICOM export to de-identified BIDS",
-                       description="Convert DICOM series to BIDS with dcm2niix, recognising pre- and "
-                                   "post-contrast T1 and removing identifying information.")
-    p.add_argument("dicom_dir", type=Path, nargs="?")
-    p.add_argument("bids_dir", type=Path)
-    p.add_argument("--participant-label")
-    p.add_argument("--session-label")
-    p.add_argument("--week", type=float, default=None)
-    p.add_argument("--batch", type=Path, default=None,
-                   help="TSV: dicom_dir, participant_id, session_id, week")
+    p = sub.add_parser(
+        "import-dicom", help="convert a site's DICOM export to de-identified BIDS",
+        description="Convert a site's DICOM series to BIDS with dcm2niix: post-contrast T1 -> "
+                    "*_ce-gadolinium_T1w, pre-contrast T1 -> *_T1w, FLAIR/T2/PD kept with their "
+                    "suffix, other series skipped with a reason. Patient, site and date "
+                    "information is removed. DICOM_DIR is only read.")
+    p.add_argument("dicom_dir", type=Path, nargs="?",
+                   help="one session's DICOM folder (omit with --batch)")
+    p.add_argument("bids_dir", type=Path, help="BIDS dataset to create or add to")
+    p.add_argument("--participant-label", metavar="LABEL", help="'01' or 'sub-01'")
+    p.add_argument("--session-label", metavar="LABEL", help="'w04' or 'ses-w04'")
+    p.add_argument("--week", type=float, default=None,
+                   help="trial week of this session (written to sub-<s>_sessions.tsv)")
+    p.add_argument("--post-series", type=int, default=None, metavar="N",
+                   help="series number of the post-contrast T1w when the tags cannot tell")
+    p.add_argument("--pre-series", type=int, default=None, metavar="N",
+                   help="series number of the pre-contrast T1w when the tags cannot tell")
+    p.add_argument("--batch", type=Path, default=None, metavar="FILE.tsv",
+                   help="TSV with columns dicom_dir, participant_id, session_id and optional "
+                        "week, post_series, pre_series (folders relative to the TSV)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing scans and a different week in sessions.tsv")
+    p.add_argument("--dcm2niix", type=Path, default=None, metavar="PATH",
+                   help="dcm2niix executable (default: next to Python, then PATH)")
     p.set_defaults(func=_cmd_import_dicom)
 
 
 def _cmd_import_dicom(args) -> int:
-    from lesionpipe.dicom import import_dicom_cli
+    from lesionpipe.dicom import (DicomImportError, ImportJob, bids_label, find_dcm2niix,
+                                  format_report, import_many, read_batch)
 
-    return import_dicom_cli(args)
+    if args.week is not None and not math.isfinite(args.week):
+        raise UsageError("--week must be a finite number")
+    if args.batch:
+        single = [o for o, v in (("DICOM_DIR", args.dicom_dir),
+                                 ("--participant-label", args.participant_label),
+                                 ("--session-label", args.session_label), ("--week", args.week),
+                                 ("--post-series", args.post_series),
+                                 ("--pre-series", args.pre_series)) if v is not None]
+        if single:
+            raise UsageError(f"--batch takes every session from the TSV; drop {', '.join(single)}")
+        if not args.batch.is_file():
+            raise UsageError(f"--batch {args.batch} is not a file")
+        try:
+            jobs = read_batch(args.batch)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    else:
+        if args.dicom_dir is None:
+            raise UsageError("give DICOM_DIR and BIDS_DIR, or --batch FILE.tsv and BIDS_DIR")
+        if not args.participant_label or not args.session_label:
+            raise UsageError("--participant-label and --session-label are required "
+                             "(or use --batch)")
+        try:
+            jobs = [ImportJob(dicom_dir=args.dicom_dir,
+                              participant=bids_label(args.participant_label, "sub"),
+                              session=bids_label(args.session_label, "ses"), week=args.week,
+                              post_series=args.post_series, pre_series=args.pre_series)]
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    for job in jobs:
+        if not job.dicom_dir.is_dir():
+            raise UsageError(f"DICOM folder {job.dicom_dir} is not a directory")
+        if _inside(args.bids_dir, job.dicom_dir):
+            raise UsageError(f"BIDS_DIR {args.bids_dir} is inside the DICOM folder "
+                             f"{job.dicom_dir}; the source folder is never written to")
+    if args.bids_dir.exists() and not args.bids_dir.is_dir():
+        raise UsageError(f"BIDS_DIR {args.bids_dir} exists and is not a directory")
+    try:
+        exe = find_dcm2niix(args.dcm2niix)
+    except DicomImportError as exc:
+        raise UsageError(str(exc)) from None
+    LOG.info("import-dicom: %d session(s) with %s", len(jobs), exe.name)
+    reports = import_many(jobs, args.bids_dir, overwrite=args.overwrite, dcm2niix=exe)
+    for rep in reports:
+        print(format_report(rep))
+    bad = [r.name for r in reports if not r.ok]
+    if bad:
+        print(f"\n{len(bad)} of {len(reports)} session(s) need attention: {', '.join(bad)} "
+              f"(details above and in {args.bids_dir / 'logs' / 'import-dicom'})", file=sys.stderr)
+        return 1
+    return 0
 
 
 # ============================================================================================
