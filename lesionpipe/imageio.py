@@ -129,6 +129,10 @@ def _atomic(path: str | Path, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp creates 0600 files: give the final file the usual permissions (umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

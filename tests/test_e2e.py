@@ -1,0 +1,127 @@
+"""End to end: the pipeline on sample_scans/ (plus two broken visits), compared with the truth.
+
+One batch run serves every assertion here (it is the suite's slowest test); a second run on the
+same work directory checks that finished visits are reused.
+"""
+
+import gzip
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+import pandas as pd
+import pytest
+
+from lesionpipe.cli import main
+
+pytestmark = pytest.mark.e2e
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_scans"
+TRUTH = SAMPLE / "derivatives" / "truth"
+
+
+def _tree_digest(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    bids = root / "bids"
+    shutil.copytree(SAMPLE, bids, ignore=shutil.ignore_patterns("derivatives"))
+    # two broken visits: a truncated post-contrast scan and a 4-D one
+    some_post = sorted(bids.glob("sub-*/ses-*/anat/*_ce-gadolinium_T1w.nii.gz"))[0]
+    bad = bids / "sub-98" / "ses-w04" / "anat"
+    bad.mkdir(parents=True)
+    raw = some_post.read_bytes()
+    (bad / "sub-98_ses-w04_ce-gadolinium_T1w.nii.gz").write_bytes(raw[: len(raw) // 3])
+    img = nb.load(some_post)
+    four = bids / "sub-99" / "ses-w04" / "anat"
+    four.mkdir(parents=True)
+    data = np.asanyarray(img.dataobj)
+    nb.save(nb.Nifti1Image(np.stack([data, data], -1), img.affine),
+            four / "sub-99_ses-w04_ce-gadolinium_T1w.nii.gz")
+    before = _tree_digest(bids)
+    out, work = root / "out", root / "work"
+    code = main(["run", str(bids), str(out), "-w", str(work), "--nprocs", "2"])
+    return {"root": root, "bids": bids, "out": out, "work": work, "code": code,
+            "before": before}
+
+
+def test_exit_code_and_failed_visits(batch):
+    assert batch["code"] == 1                     # some visits failed
+    counts = pd.read_csv(batch["out"] / "gel_counts.tsv", sep="\t", dtype=str,
+                         keep_default_na=False)
+    assert list(counts.columns) == ["participant_id", "session_id", "week", "gel_count",
+                                    "gel_volume_mm3", "has_pre", "status", "error"]
+    failed = counts[counts.status == "failed"].set_index("participant_id")
+    assert set(failed.index) == {"sub-98", "sub-99"}
+    assert (failed.gel_count == "n/a").all()      # missing, never 0
+    assert "sub-98_ses-w04_ce-gadolinium_T1w.nii.gz" in failed.loc["sub-98", "error"]
+    assert "truncated" in failed.loc["sub-98", "error"]
+    assert "4-D" in failed.loc["sub-99", "error"]
+
+
+def test_input_dataset_is_untouched(batch):
+    assert _tree_digest(batch["bids"]) == batch["before"]
+
+
+def test_counts_match_the_truth(batch):
+    counts = pd.read_csv(batch["out"] / "gel_counts.tsv", sep="\t")
+    ok = counts[counts.status == "ok"]
+    truth = pd.read_csv(TRUTH / "truth_counts.tsv", sep="\t")
+    merged = ok.merge(truth, on=["participant_id", "session_id"], suffixes=("", "_truth"))
+    assert len(merged) == len(truth)              # every sample visit processed
+    assert (merged.week == merged.week_truth).all()
+    assert (merged.has_pre == merged.has_pre_truth).all()
+    match = (merged.gel_count == merged.gel_count_truth).mean()
+    error = (merged.gel_count - merged.gel_count_truth).abs().sum()
+    assert match >= 0.75, merged[["participant_id", "session_id", "gel_count", "gel_count_truth"]]
+    assert error <= max(2, 0.15 * merged.gel_count_truth.sum())
+
+
+def test_masks_are_on_the_input_grid(batch):
+    for sidecar in sorted(batch["out"].glob("sub-0*/ses-*/anat/*_label-GEL_mask.json")):
+        mask_file = Path(str(sidecar).replace(".json", ".nii.gz"))
+        sub, ses = mask_file.name.split("_")[:2]
+        src = nb.load(batch["bids"] / sub / ses / "anat" / f"{sub}_{ses}_ce-gadolinium_T1w.nii.gz")
+        mask = nb.load(mask_file)
+        assert mask.shape == src.shape[:3]
+        assert np.allclose(mask.affine, src.affine, atol=1e-4)
+        assert mask.get_data_dtype() == np.uint8
+        data = np.asanyarray(mask.dataobj)
+        assert set(np.unique(data)) <= {0, 1}
+        info = json.loads(sidecar.read_text())
+        labels = np.asanyarray(nb.load(str(mask_file).replace("_mask.", "_dseg.")).dataobj)
+        assert info["gel_count"] == int(labels.max()) == len(
+            pd.read_csv(str(mask_file).replace("_mask.nii.gz", "_lesions.tsv"), sep="\t"))
+        digest = hashlib.sha256(
+            (batch["bids"] / sub / ses / "anat" /
+             f"{sub}_{ses}_ce-gadolinium_T1w.nii.gz").read_bytes()).hexdigest()
+        assert info["inputs"]["post"]["sha256"] == digest
+        assert info["settings"]["min_volume_mm3"] == 10.0
+
+
+def test_reports_are_self_contained(batch):
+    reports = sorted(batch["out"].glob("sub-0*/ses-*/figures/*_report.html"))
+    assert reports
+    for rep in reports:
+        html = rep.read_text()
+        assert "http://" not in html and "https://" not in html
+        assert "<script src" not in html
+
+
+def test_rerun_reuses_finished_visits(batch):
+    node = next(batch["work"].glob("lesionpipe_*_wf/visit_01_*_wf/preproc_wf/prep_post"))
+    result = next(node.glob("result_*.pklz"))
+    stamp = result.stat().st_mtime_ns
+    (batch["out"] / "gel_counts.tsv").unlink()
+    code = main(["run", str(batch["bids"]), str(batch["out"]), "-w", str(batch["work"]),
+                 "--nprocs", "2", "--participant-label", "01"])
+    assert code == 0
+    assert result.stat().st_mtime_ns == stamp     # cached, not recomputed
+    counts = pd.read_csv(batch["out"] / "gel_counts.tsv", sep="\t")
+    assert set(counts.participant_id) == {"sub-01"}
