@@ -256,3 +256,24 @@ def test_lesion_table_helper_matches_contract():
                        LESIONS_3[0][:3], atol=3.0)
     assert isinstance(lesion_table_from_labels(lab, np.zeros(lab.shape), v["affine"]),
                       pd.DataFrame)
+
+
+@pytest.mark.parametrize("nz", [1, 2])
+def test_few_slice_grid(tmp_path, nz):
+    v = synthetic_visit((40, 48, nz), (1.0, 1.0, 6.0), "LAS", lesions=[(-5.0, 3.0, 0.0, 4.0)],
+                        seed=1)
+    text = _report(tmp_path, v).read_text()
+    _assert_offline(text)
+    assert _gallery_ids(text) == [1]
+    assert "Coronal and sagittal views omitted" in text
+    # no sliver figures: every embedded image stays a sensible shape
+    assert all(w / h < 8 for w, h in _pngs(text))
+
+
+def test_nan_everywhere_and_empty_mask(tmp_path, visit_ras):
+    v = dict(visit_ras)
+    v["mask"] = nb.Nifti1Image(np.zeros(v["mask"].shape, np.uint8), v["mask"].affine)
+    v["post"] = nb.Nifti1Image(np.full(v["post"].shape, np.nan, np.float32), v["post"].affine)
+    text = _report(tmp_path, v).read_text()
+    assert "The brain mask is empty" in text
+    assert _gallery_ids(text) == [1, 2, 3] and len(_pngs(text)) == 6

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from lesionpipe import __version__
 from lesionpipe.imageio import atomic_write_text
@@ -182,7 +183,16 @@ def _prepare(*, post_img, pre_img, labels_img, brain_mask_img, enhancement_img, 
     lesion_post = post[(labels > 0) & np.isfinite(post)]
     if lesion_post.size:  # keep enhancing lesions brighter than white matter, not clipped with it
         post_win = (post_win[0], max(post_win[1], float(np.percentile(lesion_post, 90))))
-    pre_win = None if pre is None else R.robust_window(pre, mask)
+    pre_win = None
+    if pre is not None:
+        # same window as post after matching brain medians, so equal tissue looks equally bright
+        sel = mask if mask.any() else np.ones(mask.shape, bool)
+        med_post = float(np.nanmedian(post[sel])) if np.isfinite(post[sel]).any() else 0.0
+        med_pre = float(np.nanmedian(pre[sel])) if np.isfinite(pre[sel]).any() else 0.0
+        if med_post > 0 and med_pre > 0:
+            pre_win = (post_win[0] * med_pre / med_post, post_win[1] * med_pre / med_post)
+        else:
+            pre_win = R.robust_window(pre, mask)
     enh_win = None
     if enh is not None:
         lo, hi = R.robust_window(enh, mask, low=0.5, high=99.9)
@@ -375,7 +385,8 @@ def _gallery_png(visit: _Visit, le: _Lesion, *, dpi: int) -> tuple[bytes, int]:
     fig = R.new_figure(w * len(panels), h + 0.22, dpi=dpi)
     top = h / (h + 0.22)
     for p, (name, vol, win, cmap) in enumerate(panels):
-        ax = fig.add_axes((p / len(panels), 0, 1 / len(panels), top))
+        gap = 0.012
+        ax = fig.add_axes((p / len(panels) + gap / 2, 0, 1 / len(panels) - gap, top))
         img2d, _ = R.plane_slice(vol, visit.zooms, "axial", k)
         R.show_gray(ax, _crop2d(img2d.astype(np.float32), r0, r1, c0, c1, np.nan), aspect, win,
                     cmap=cmap)
@@ -418,7 +429,7 @@ def _section_gallery(visit: _Visit, *, max_gallery: int, dpi: int) -> str:
     note = ""
     if omitted:
         note = (f'<p class="note">{omitted} more lesion{"s" if omitted != 1 else ""} '
-                f'(lesion {shown[-1].lesion_id + 1 if shown else 1} onward in the table) '
+                f'({"after lesion " + str(shown[-1].lesion_id) if shown else "all"} in the table) '
                 f'{"are" if omitted != 1 else "is"} not shown here to keep the page small; '
                 f'{"they are" if omitted != 1 else "it is"} outlined and numbered in the overview.'
                 f'</p>')
@@ -458,10 +469,9 @@ def _section_overview(visit: _Visit, *, n_slices: int, dpi: int) -> str:
     c0, c1 = nx - bb[0].stop, nx - bb[0].start
     ncol = min(4, len(picks))
     nrow = int(math.ceil(len(picks) / ncol))
-    w = 2.55
+    w = 3.0
     h = w * ((r1 - r0) * zy) / ((c1 - c0) * zx)
     fig = R.new_figure(w * ncol, h * nrow, dpi=dpi)
-    centroids = [(le, le.centroid_ras) for le in visit.lesions if le.centroid_ras is not None]
     for n, k in enumerate(picks):
         ax = fig.add_axes(((n % ncol) / ncol, 1 - (n // ncol + 1) / nrow, 1 / ncol, 1 / nrow))
         img2d, aspect = R.plane_slice(visit.post, visit.zooms, "axial", k)
@@ -482,10 +492,14 @@ def _section_overview(visit: _Visit, *, n_slices: int, dpi: int) -> str:
             p2d, _ = R.plane_slice(proj[:, :, None], visit.zooms, "axial", 0)
             R.draw_outline(ax, p2d[r0:r1, c0:c1], colour=R.LESION_COLOUR, lw=0.8,
                            linestyle=(0, (1.5, 1.5)))
-        for le, cen in centroids:
-            if bounds[n] <= cen[2] < bounds[n + 1]:
-                rr, cc = _display_rc(visit, "axial", cen)
-                R.label_text(ax, cc - c0 + 1.5, rr - r0 - 1.0, str(le.lesion_id), size=8)
+        # number every lesion drawn in this panel next to its outline
+        numbered = lab_c.copy()
+        if in_slab:
+            numbered = np.where((numbered == 0) & p2d[r0:r1, c0:c1],
+                                _slab_ids(slab, in_slab, visit)[r0:r1, c0:c1], numbered)
+        for lid, box in enumerate(ndimage.find_objects(numbered), start=1):
+            if box is not None:
+                R.label_text(ax, box[1].stop - 0.5, box[0].start - 0.5, str(lid), size=8)
         zmm = float((visit.grid.affine @ np.r_[0.0, 0.0, k, 1.0])[2])
         ax.text(0.02, 0.02, f"z {zmm:.0f} mm", transform=ax.transAxes, color="#bbbbbb",
                 fontsize=7, ha="left", va="bottom")
@@ -494,10 +508,17 @@ def _section_overview(visit: _Visit, *, n_slices: int, dpi: int) -> str:
     return (f'<section id="overview"><h2>Overview</h2>'
             f'<p class="caption">{len(picks)} axial post-contrast slices spanning the brain. '
             f'Yellow: lesion outlines on the displayed slice (dotted: a lesion lying between this '
-            f'slice and the neighbouring panels, projected); each number sits in the panel nearest '
-            f'to the lesion\'s centroid. Blue: brain mask.</p>'
+            f'slice and the neighbouring panels, projected), numbered as in the table. '
+            f'Blue: brain mask.</p>'
             f'<img class="wide" alt="Overview of axial slices" src="{R.png_data_uri(png)}">'
             f'</section>')
+
+
+def _slab_ids(slab, ids, visit):
+    """Display-plane image of the (largest) label id among ``ids`` found through a slab."""
+    masked = np.where(np.isin(slab, list(ids)), slab, 0).max(axis=2)
+    out, _ = R.plane_slice(masked[:, :, None], visit.zooms, "axial", 0)
+    return out
 
 
 def _ortho_centre(visit: _Visit) -> np.ndarray:
@@ -517,6 +538,23 @@ def _ortho_views(visit: _Visit, centre, bb):
     return [(p, int(centre[R._PLANE_AXIS[p]]), crops[p]) for p in R.PLANES]
 
 
+def _usable(visit: _Visit, views) -> tuple[list, str]:
+    """Drop views that would be slivers (a grid with only a few slices), with a note saying so."""
+    keep, dropped = [], []
+    for v in views:
+        plane, _, crop = v
+        if crop[1] - crop[0] >= 3 and _phys_aspect(visit, plane, crop) >= 0.08:
+            keep.append(v)
+        elif plane not in dropped:
+            dropped.append(plane)
+    note = ""
+    if dropped:
+        note = (f" {' and '.join(dropped).capitalize()} view{'s' if len(dropped) > 1 else ''} "
+                f"omitted: the volume has only {visit.post.shape[2]} axial slice"
+                f"{'s' if visit.post.shape[2] != 1 else ''}.")
+    return keep, note
+
+
 def _phys_aspect(visit: _Visit, plane: str, crop) -> float:
     """Height/width in mm of a cropped display plane."""
     zx, zy, zz = visit.zooms
@@ -532,7 +570,9 @@ def _section_registration(visit: _Visit, facts: dict, *, dpi: int) -> str:
                 '</section>')
     bb = _brain_bbox(visit)
     views = _ortho_views(visit, _ortho_centre(visit), bb)
-    w = 2.4
+    others, dropped_note = _usable(visit, views[1:])
+    views = views[:1] + others
+    w = 3.0
     heights = [w * _phys_aspect(visit, p, c) for p, _, c in views]
     title_h = 0.22
     fig = R.new_figure(3 * w, sum(heights) + title_h, dpi=dpi)
@@ -567,7 +607,8 @@ def _section_registration(visit: _Visit, facts: dict, *, dpi: int) -> str:
             f'<p class="caption">Pre-contrast (registered onto the post-contrast grid) and '
             f'post-contrast images on axial, coronal and sagittal slices through the brain centre. '
             f'Right column: edges of the pre-contrast image (magenta) drawn over the post-contrast '
-            f'image; they should follow the ventricles, sulci and brain surface.{ncc_txt}</p>'
+            f'image; they should follow the ventricles, sulci and brain surface.{ncc_txt}'
+            f'{dropped_note}</p>'
             f'<img class="wide" alt="Registration check" src="{R.png_data_uri(png)}"></section>')
 
 
@@ -580,7 +621,8 @@ def _section_mask(visit: _Visit, *, dpi: int) -> str:
         zs = np.arange(visit.post.shape[2])
     levels = sorted({int(zs[int(round(f * (len(zs) - 1)))]) for f in (0.25, 0.5, 0.75)})
     views = _ortho_views(visit, centre, bb)
-    panels = [("axial", k, views[0][2]) for k in levels] + [v for v in views if v[0] != "axial"]
+    others, dropped_note = _usable(visit, views[1:])
+    panels = [("axial", k, views[0][2]) for k in levels] + others
     h = 2.3
     widths = [h / _phys_aspect(visit, p, c) for p, _, c in panels]
     total = sum(widths)
@@ -600,7 +642,7 @@ def _section_mask(visit: _Visit, *, dpi: int) -> str:
     return (f'<section id="brainmask"><h2>Brain-mask check</h2>'
             f'<p class="caption">Brain-mask outline (blue) over the post-contrast image: three axial '
             f'levels, then coronal and sagittal slices through the brain centre. The outline should '
-            f'follow the brain surface without cutting cortex or including scalp.</p>'
+            f'follow the brain surface without cutting cortex or including scalp.{dropped_note}</p>'
             f'<img class="wide" alt="Brain-mask check" src="{R.png_data_uri(png)}"></section>')
 
 
@@ -692,8 +734,8 @@ table.facts th { font-weight: 600; white-space: nowrap; }
 table.sub th, table.sub td { padding: 1px 10px 1px 0; border: none; font-size: 13px; }
 table.sub th { font-weight: 500; color: #444; }
 .gallery { display: flex; flex-wrap: wrap; gap: 14px; }
-figure.lesion { margin: 0; background: #111; color: #eee; padding: 4px; border-radius: 4px; }
-figure.lesion figcaption { font-size: 12.5px; max-width: 520px; padding: 3px 2px 1px; }
+figure.lesion { margin: 0; width: min-content; background: #111; color: #eee; padding: 4px; border-radius: 4px; }
+figure.lesion figcaption { font-size: 12.5px; padding: 3px 2px 1px; }
 img { display: block; image-rendering: auto; }
 img.wide { max-width: 100%; height: auto; background: #000; }
 @media print { .scroll { max-height: none; overflow: visible; } h2 { break-after: avoid; }
