@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import nibabel as nb
 import numpy as np
@@ -277,3 +281,30 @@ def test_nan_everywhere_and_empty_mask(tmp_path, visit_ras):
     text = _report(tmp_path, v).read_text()
     assert "The brain mask is empty" in text
     assert _gallery_ids(text) == [1, 2, 3] and len(_pngs(text)) == 6
+
+
+def test_duplicate_lesion_ids_raise(tmp_path, visit_ras):
+    t = pd.concat([visit_ras["table"], visit_ras["table"].iloc[:1]])
+    with pytest.raises(ValueError, match="repeats lesion_id 1"):
+        _report(tmp_path, dict(visit_ras, table=t))
+
+
+def test_no_pyplot_and_no_backend_change(tmp_path):
+    """Drawing a report must not import pyplot nor switch matplotlib's global backend."""
+    code = (
+        "import sys, matplotlib\n"
+        "before = matplotlib.rcParams._get_backend_or_none()\n"
+        "from lesionpipe.reports.demo import synthetic_visit\n"
+        "from lesionpipe.reports import write_visit_report\n"
+        "v = synthetic_visit((24, 28, 20), (4, 4, 5), 'LAS', lesions=[(5, 5, 0, 5)])\n"
+        f"write_visit_report({str(tmp_path / 'x.html')!r}, post_img=v['post'], "
+        "labels_img=v['labels'], brain_mask_img=v['mask'], lesion_table=v['table'])\n"
+        "print('pyplot' if 'matplotlib.pyplot' in sys.modules else 'no-pyplot',\n"
+        "      matplotlib.rcParams._get_backend_or_none() == before)\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root,
+                                                                   os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=env)
+    assert out.stdout.split() == ["no-pyplot", "True"]

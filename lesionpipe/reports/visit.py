@@ -159,6 +159,9 @@ def _prepare(*, post_img, pre_img, labels_img, brain_mask_img, enhancement_img, 
     if not mask.any():
         notes.append("The brain mask is empty; display windows use the whole image.")
     table = lesion_table.sort_values("lesion_id", kind="stable").reset_index(drop=True)
+    dup = table.lesion_id[table.lesion_id.duplicated()].unique().tolist()
+    if dup:
+        raise ValueError(f"visit report: lesion table repeats lesion_id {_id_list(dup)}")
     ids_in_image = set(np.unique(labels[labels > 0]).tolist())
     lesions = []
     has_ijk = all(c in table.columns for c in ("centroid_i", "centroid_j", "centroid_k"))
@@ -294,9 +297,9 @@ def _section_header(visit: _Visit, title: str, facts: dict) -> str:
         badges.append(f'<span class="badge">registration NCC {_fmt(ncc, 3)}</span>')
     count_word = "enhancing lesion" if n == 1 else "enhancing lesions"
     none = '<p class="none">No enhancing lesions detected.</p>' if n == 0 else ""
-    warnings = list(facts.get("warnings") or []) if isinstance(facts.get("warnings"),
-                                                               (list, tuple)) else (
-        [facts["warnings"]] if facts.get("warnings") else [])
+    warnings = facts.get("warnings") or []
+    if isinstance(warnings, (str, bytes, dict)) or not hasattr(warnings, "__iter__"):
+        warnings = [warnings]
     warn_html = ""
     if warnings or visit.notes:
         items = "".join(f"<li>{html.escape(str(w))}</li>" for w in [*warnings, *visit.notes])
