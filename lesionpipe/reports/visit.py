@@ -383,7 +383,7 @@ def _gallery_png(visit: _Visit, le: _Lesion, *, dpi: int) -> tuple[bytes, int]:
     lab_c = _crop2d(lab2d, r0, r1, c0, c1, 0)
     tgt_c = lab_c == le.lesion_id
     other_c = np.where(tgt_c, 0, lab_c)
-    w = 1.75
+    w = 2.0
     h = w * ((r1 - r0) * zy) / ((c1 - c0) * zx)
     fig = R.new_figure(w * len(panels), h + 0.22, dpi=dpi)
     top = h / (h + 0.22)
@@ -416,7 +416,9 @@ def _section_gallery(visit: _Visit, *, max_gallery: int, dpi: int) -> str:
     world = visit.grid.affine
     for le in shown:
         png, k = _gallery_png(visit, le, dpi=dpi)
-        zmm = float((world @ np.r_[0.0, 0.0, k, 1.0])[2]) if abs(world[2, 2]) > 0 else float("nan")
+        cx, cy = (le.centroid_ras[:2] if le.centroid_ras is not None
+                  else (np.array(visit.post.shape[:2]) - 1) / 2.0)
+        zmm = float((world @ np.r_[cx, cy, k, 1.0])[2])
         row = le.row
         enh = ""
         if "mean_enhancement_pct" in row or "peak_enhancement_pct" in row:
@@ -431,8 +433,9 @@ def _section_gallery(visit: _Visit, *, max_gallery: int, dpi: int) -> str:
             f'{_fmt(zmm, 1)}&nbsp;mm</figcaption></figure>')
     note = ""
     if omitted:
-        note = (f'<p class="note">{omitted} more lesion{"s" if omitted != 1 else ""} '
-                f'({"after lesion " + str(shown[-1].lesion_id) if shown else "all"} in the table) '
+        after = f"(those after lesion {shown[-1].lesion_id} in the table) " if shown else ""
+        note = (f'<p class="note">{omitted} {"more " if shown else ""}lesion'
+                f'{"s" if omitted != 1 else ""} {after}'
                 f'{"are" if omitted != 1 else "is"} not shown here to keep the page small; '
                 f'{"they are" if omitted != 1 else "it is"} outlined and numbered in the overview.'
                 f'</p>')
@@ -503,7 +506,7 @@ def _section_overview(visit: _Visit, *, n_slices: int, dpi: int) -> str:
         for lid, box in enumerate(ndimage.find_objects(numbered), start=1):
             if box is not None:
                 R.label_text(ax, box[1].stop - 0.5, box[0].start - 0.5, str(lid), size=8)
-        zmm = float((visit.grid.affine @ np.r_[0.0, 0.0, k, 1.0])[2])
+        zmm = float((visit.grid.affine @ np.r_[(nx - 1) / 2.0, (ny - 1) / 2.0, k, 1.0])[2])
         ax.text(0.02, 0.02, f"z {zmm:.0f} mm", transform=ax.transAxes, color="#bbbbbb",
                 fontsize=7, ha="left", va="bottom")
         R.side_letters(ax, "axial", size=7)
@@ -525,9 +528,14 @@ def _slab_ids(slab, ids, visit):
 
 
 def _ortho_centre(visit: _Visit) -> np.ndarray:
-    if visit.mask.any():
-        return np.rint(np.argwhere(visit.mask).mean(axis=0)).astype(int)
-    return np.array(visit.post.shape) // 2
+    """Centre of mass of the brain mask (RAS voxel indices), or the grid centre."""
+    if not visit.mask.any():
+        return np.array(visit.post.shape) // 2
+    centre = []
+    for ax in range(3):
+        w = visit.mask.sum(axis=tuple(a for a in range(3) if a != ax), dtype=np.int64)
+        centre.append(int(round(float((np.arange(w.size) * w).sum() / w.sum()))))
+    return np.array(centre)
 
 
 def _ortho_views(visit: _Visit, centre, bb):
