@@ -383,27 +383,23 @@ def _gallery_png(visit: _Visit, le: _Lesion, *, dpi: int) -> tuple[bytes, int]:
     lab_c = _crop2d(lab2d, r0, r1, c0, c1, 0)
     tgt_c = lab_c == le.lesion_id
     other_c = np.where(tgt_c, 0, lab_c)
-    w = 2.0
+    w, gap, title_h = 2.0, 0.04, 0.22
     h = w * ((r1 - r0) * zy) / ((c1 - c0) * zx)
-    fig = R.new_figure(w * len(panels), h + 0.22, dpi=dpi)
-    top = h / (h + 0.22)
+    board = R.Board(len(panels) * w + (len(panels) - 1) * gap, h + title_h, dpi=dpi)
     for p, (name, vol, win, cmap) in enumerate(panels):
-        gap = 0.012
-        ax = fig.add_axes((p / len(panels) + gap / 2, 0, 1 / len(panels) - gap, top))
+        x0 = p * (w + gap)
+        pan = board.panel(x0, title_h, w, h, tgt_c.shape)
         img2d, _ = R.plane_slice(vol, visit.zooms, "axial", k)
-        R.show_gray(ax, _crop2d(img2d.astype(np.float32), r0, r1, c0, c1, np.nan), aspect, win,
-                    cmap=cmap)
-        R.draw_outline(ax, other_c, colour=R.OTHER_LESION_COLOUR, lw=0.8, linestyle=(0, (2, 2)))
-        R.draw_outline(ax, tgt_c, colour=R.MASK_COLOUR if cmap != "gray" else R.LESION_COLOUR,
-                       lw=1.1)
+        pan.image(_crop2d(img2d.astype(np.float32), r0, r1, c0, c1, np.nan), win, cmap=cmap)
+        pan.outline(other_c, colour=R.OTHER_LESION_COLOUR, lw=0.8, linestyle=(0, (2, 2)))
+        pan.outline(tgt_c, colour=R.MASK_COLOUR if cmap != "gray" else R.LESION_COLOUR, lw=1.1)
         if tgt_c.any():
             rr, cc = np.nonzero(tgt_c)
-            R.label_text(ax, cc.max() + 1.0, rr.min() - 0.5, str(le.lesion_id), size=10)
-        fig.text((p + 0.5) / len(panels), 1 - 0.11 / (h + 0.22), name, color="#dddddd",
-                 fontsize=8, ha="center", va="center")
+            pan.label(cc.max() + 0.5, rr.min() - 0.5, str(le.lesion_id), size=10)
+        board.text(x0 + w / 2, title_h / 2, name)
         if p == 0:
-            R.side_letters(ax, "axial", size=7)
-    return R.figure_png(fig), k
+            pan.side_letters("axial")
+    return board.png(), k
 
 
 def _section_gallery(visit: _Visit, *, max_gallery: int, dpi: int) -> str:
@@ -477,16 +473,16 @@ def _section_overview(visit: _Visit, *, n_slices: int, dpi: int) -> str:
     nrow = int(math.ceil(len(picks) / ncol))
     w = 3.0
     h = w * ((r1 - r0) * zy) / ((c1 - c0) * zx)
-    fig = R.new_figure(w * ncol, h * nrow, dpi=dpi)
+    board = R.Board(w * ncol, h * nrow, dpi=dpi)
     for n, k in enumerate(picks):
-        ax = fig.add_axes(((n % ncol) / ncol, 1 - (n // ncol + 1) / nrow, 1 / ncol, 1 / nrow))
-        img2d, aspect = R.plane_slice(visit.post, visit.zooms, "axial", k)
-        R.show_gray(ax, img2d[r0:r1, c0:c1], aspect, visit.post_win)
+        pan = board.panel((n % ncol) * w, (n // ncol) * h, w, h, (r1 - r0, c1 - c0))
+        img2d, _ = R.plane_slice(visit.post, visit.zooms, "axial", k)
+        pan.image(img2d[r0:r1, c0:c1], visit.post_win)
         m2d, _ = R.plane_slice(visit.mask, visit.zooms, "axial", k)
-        R.draw_outline(ax, m2d[r0:r1, c0:c1], colour=R.MASK_COLOUR, lw=0.6, alpha=0.8)
+        pan.outline(m2d[r0:r1, c0:c1], colour=R.MASK_COLOUR, lw=0.6, alpha=0.8)
         lab2d, _ = R.plane_slice(visit.labels, visit.zooms, "axial", k)
         lab_c = lab2d[r0:r1, c0:c1]
-        R.draw_outline(ax, lab_c, colour=R.LESION_COLOUR, lw=1.0)
+        pan.outline(lab_c, colour=R.LESION_COLOUR, lw=1.0)
         # lesions inside this panel's slab that miss the displayed slice: dashed projection
         nz = visit.labels.shape[2]
         s0 = 0 if n == 0 else int(math.ceil(bounds[n]))
@@ -496,8 +492,8 @@ def _section_overview(visit: _Visit, *, n_slices: int, dpi: int) -> str:
         if in_slab:
             proj = np.isin(slab, list(in_slab)).any(axis=2)
             p2d, _ = R.plane_slice(proj[:, :, None], visit.zooms, "axial", 0)
-            R.draw_outline(ax, p2d[r0:r1, c0:c1], colour=R.LESION_COLOUR, lw=0.8,
-                           linestyle=(0, (1.5, 1.5)))
+            pan.outline(p2d[r0:r1, c0:c1], colour=R.LESION_COLOUR, lw=0.8,
+                        linestyle=(0, (1.5, 1.5)))
         # number every lesion drawn in this panel next to its outline
         numbered = lab_c.copy()
         if in_slab:
@@ -505,12 +501,11 @@ def _section_overview(visit: _Visit, *, n_slices: int, dpi: int) -> str:
                                 _slab_ids(slab, in_slab, visit)[r0:r1, c0:c1], numbered)
         for lid, box in enumerate(ndimage.find_objects(numbered), start=1):
             if box is not None:
-                R.label_text(ax, box[1].stop - 0.5, box[0].start - 0.5, str(lid), size=8)
+                pan.label(box[1].stop - 0.5, box[0].start - 0.5, str(lid), size=8)
         zmm = float((visit.grid.affine @ np.r_[(nx - 1) / 2.0, (ny - 1) / 2.0, k, 1.0])[2])
-        ax.text(0.02, 0.02, f"z {zmm:.0f} mm", transform=ax.transAxes, color="#bbbbbb",
-                fontsize=7, ha="left", va="bottom")
-        R.side_letters(ax, "axial", size=7)
-    png = R.figure_png(fig)
+        pan.note(f"z {zmm:.0f} mm")
+        pan.side_letters("axial")
+    png = board.png()
     return (f'<section id="overview"><h2>Overview</h2>'
             f'<p class="caption">{len(picks)} axial post-contrast slices spanning the brain. '
             f'Yellow: lesion outlines on the displayed slice (dotted: a lesion lying between this '
@@ -583,34 +578,28 @@ def _section_registration(visit: _Visit, facts: dict, *, dpi: int) -> str:
     views = _ortho_views(visit, _ortho_centre(visit), bb)
     others, dropped_note = _usable(visit, views[1:])
     views = views[:1] + others
-    w = 3.0
+    w, gap, title_h = 3.0, 0.03, 0.22
     heights = [w * _phys_aspect(visit, p, c) for p, _, c in views]
-    title_h = 0.22
-    fig = R.new_figure(3 * w, sum(heights) + title_h, dpi=dpi)
-    total = sum(heights) + title_h
-    y = total - title_h
+    board = R.Board(3 * w + 2 * gap, sum(heights) + gap * (len(heights) - 1) + title_h, dpi=dpi)
     for col, name in enumerate(("pre-contrast", "post-contrast", "pre edges on post")):
-        fig.text((col + 0.5) / 3, 1 - title_h / 2 / total, name, color="#dddddd", fontsize=9,
-                 ha="center", va="center")
+        board.text(col * (w + gap) + w / 2, title_h / 2, name, size=9)
+    y = title_h
     for (plane, idx, (r0, r1, c0, c1)), hgt in zip(views, heights):
-        y -= hgt
-        pre2d, aspect = R.plane_slice(visit.pre, visit.zooms, plane, idx)
+        pre2d, _ = R.plane_slice(visit.pre, visit.zooms, plane, idx)
         post2d, _ = R.plane_slice(visit.post, visit.zooms, plane, idx)
-        m2d, _ = R.plane_slice(visit.mask, visit.zooms, plane, idx)
         pre_c, post_c = pre2d[r0:r1, c0:c1], post2d[r0:r1, c0:c1]
+        edges = R.edge_map(np.clip(np.nan_to_num(pre_c, nan=visit.pre_win[0]), *visit.pre_win))
+        rgba = np.zeros(edges.shape + (4,), np.float32)
+        rgba[edges] = (1.0, 0.24, 0.96, 0.95)
         for col, (arr, win) in enumerate(((pre_c, visit.pre_win), (post_c, visit.post_win),
                                           (post_c, visit.post_win))):
-            ax = fig.add_axes((col / 3, y / total, 1 / 3, hgt / total))
-            R.show_gray(ax, arr, aspect, win)
-            R.side_letters(ax, plane, size=7)
+            pan = board.panel(col * (w + gap), y, w, hgt, arr.shape)
+            pan.image(arr, win)
             if col == 2:
-                edges = R.edge_map(np.clip(pre_c, *visit.pre_win))
-                rgba = np.zeros(edges.shape + (4,), np.float32)
-                rgba[edges] = (1.0, 0.24, 0.96, 0.95)
-                ax.imshow(rgba, aspect=aspect, interpolation="nearest", origin="upper")
-                ax.set_xlim(-0.5, arr.shape[1] - 0.5)
-                ax.set_ylim(arr.shape[0] - 0.5, -0.5)
-    png = R.figure_png(fig)
+                pan.rgba(rgba)
+            pan.side_letters(plane)
+        y += hgt + gap
+    png = board.png()
     ncc = facts.get("registration_ncc")
     ncc_txt = f" Normalised cross-correlation after registration: {_fmt(ncc, 3)}." \
         if ncc is not None else ""
@@ -634,22 +623,20 @@ def _section_mask(visit: _Visit, *, dpi: int) -> str:
     views = _ortho_views(visit, centre, bb)
     others, dropped_note = _usable(visit, views[1:])
     panels = [("axial", k, views[0][2]) for k in levels] + others
-    h = 2.3
+    h, gap = 2.3, 0.03
     widths = [h / _phys_aspect(visit, p, c) for p, _, c in panels]
-    total = sum(widths)
-    fig = R.new_figure(total, h, dpi=dpi)
+    board = R.Board(sum(widths) + gap * (len(widths) - 1), h, dpi=dpi)
     x = 0.0
     for (plane, idx, (r0, r1, c0, c1)), wid in zip(panels, widths):
-        ax = fig.add_axes((x / total, 0, wid / total, 1))
-        x += wid
-        post2d, aspect = R.plane_slice(visit.post, visit.zooms, plane, idx)
+        post2d, _ = R.plane_slice(visit.post, visit.zooms, plane, idx)
         m2d, _ = R.plane_slice(visit.mask, visit.zooms, plane, idx)
-        R.show_gray(ax, post2d[r0:r1, c0:c1], aspect, visit.post_win)
-        R.draw_outline(ax, m2d[r0:r1, c0:c1], colour=R.MASK_COLOUR, lw=0.9)
-        R.side_letters(ax, plane, size=7)
-        ax.text(0.5, 0.98, plane, transform=ax.transAxes, color="#dddddd", fontsize=7,
-                ha="center", va="top")
-    png = R.figure_png(fig)
+        pan = board.panel(x, 0.0, wid, h, (r1 - r0, c1 - c0))
+        pan.image(post2d[r0:r1, c0:c1], visit.post_win)
+        pan.outline(m2d[r0:r1, c0:c1], colour=R.MASK_COLOUR, lw=0.9)
+        pan.side_letters(plane)
+        pan.note(plane, where="top", colour="#dddddd")
+        x += wid + gap
+    png = board.png()
     return (f'<section id="brainmask"><h2>Brain-mask check</h2>'
             f'<p class="caption">Brain-mask outline (blue) over the post-contrast image: three axial '
             f'levels, then coronal and sagittal slices through the brain centre. The outline should '
