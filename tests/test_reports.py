@@ -140,6 +140,13 @@ def test_edge_lesion_nan_and_oblique(tmp_path):
     assert len(_pngs(text)) == 4
 
 
+def test_count_mismatch_between_facts_and_table_is_flagged(tmp_path, visit_ras):
+    text = _report(tmp_path, visit_ras, facts={"gel_count": 5}).read_text()
+    assert "The facts give gel_count = 5 but the lesion table has 3 rows." in text
+    text = _report(tmp_path, visit_ras, facts={"gel_count": 3}, name="ok.html").read_text()
+    assert "The facts give" not in text
+
+
 def test_table_label_mismatch_is_reported(tmp_path, visit_ras):
     v = dict(visit_ras)
     t = v["table"].copy()

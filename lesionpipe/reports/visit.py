@@ -70,7 +70,7 @@ class _Visit:
 # --- public entry point ------------------------------------------------------------------------
 def write_visit_report(out_html, *, post_img, labels_img, brain_mask_img, lesion_table, pre_img=None,
                        enhancement_img=None, title="", facts=None, max_gallery: int = 40,
-                       overview_slices: int = 16, dpi: int = 90):
+                       overview_slices: int = 16, dpi: int = 90) -> Path:
     """Write the self-contained QA report of one visit and return its path.
 
     Parameters
@@ -169,9 +169,9 @@ def _prepare(*, post_img, pre_img, labels_img, brain_mask_img, enhancement_img, 
         lid = int(row["lesion_id"])
         present = lid in ids_in_image
         cen = None
-        if has_ijk and all(np.isfinite(float(row[c])) for c in ("centroid_i", "centroid_j",
-                                                                 "centroid_k")):
-            cen = grid.to_ras_index([row["centroid_i"], row["centroid_j"], row["centroid_k"]])[0]
+        ijk = [_num(row.get(c)) for c in ("centroid_i", "centroid_j", "centroid_k")]
+        if has_ijk and np.isfinite(ijk).all():
+            cen = grid.to_ras_index(ijk)[0]
         elif present:
             cen = np.argwhere(labels == lid).mean(axis=0)
         lesions.append(_Lesion(lid, row, cen, present))
@@ -229,6 +229,14 @@ def filter_facts(facts: dict) -> tuple[dict, list]:
 
     _walk(facts, kept, "")
     return kept, sorted(dropped)
+
+
+def _num(v) -> float:
+    """``float(v)``, or NaN for anything that is not a number (None, text, missing)."""
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def _id_list(ids, limit: int = 12) -> str:
@@ -300,6 +308,11 @@ def _section_header(visit: _Visit, title: str, facts: dict) -> str:
     warnings = facts.get("warnings") or []
     if isinstance(warnings, (str, bytes, dict)) or not hasattr(warnings, "__iter__"):
         warnings = [warnings]
+    warnings = list(warnings)
+    for key in ("gel_count", "count"):
+        if key in facts and _num(facts[key]) != n:
+            warnings.append(f"The facts give {key} = {facts[key]} but the lesion table has {n} "
+                            f"row{'s' if n != 1 else ''}.")
     warn_html = ""
     if warnings or visit.notes:
         items = "".join(f"<li>{html.escape(str(w))}</li>" for w in [*warnings, *visit.notes])
