@@ -223,7 +223,11 @@ class Board:
         self.ax.text(x, y, text, color=colour, fontsize=size, ha=ha, va=va)
 
     def png(self) -> bytes:
-        return figure_png(self.fig)
+        """Render to PNG and drop the figure (a board draws once; pyplot never knew about it)."""
+        try:
+            return figure_png(self.fig)
+        finally:
+            self.fig = self.ax = None
 
 
 class Panel:
