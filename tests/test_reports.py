@@ -315,3 +315,44 @@ def test_no_pyplot_and_no_backend_change(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=env)
     assert out.stdout.split() == ["no-pyplot", "True"]
+
+
+def _yellow_xy(png_b64):
+    im = np.asarray(Image.open(io.BytesIO(base64.b64decode(png_b64))).convert("RGB")).astype(int)
+    r, g, b = im[..., 0], im[..., 1], im[..., 2]
+    ys, xs = np.nonzero((r > 200) & (g > 170) & (g < 235) & (b < 90))
+    return im.shape, xs, ys
+
+
+@pytest.mark.parametrize("code", ["RAS", "LAS", "LPS"])
+def test_rendered_overview_shows_left_lesion_on_image_right(tmp_path, code):
+    """End to end: the yellow outline of a left-hemisphere lesion lands on the right of the PNG."""
+    v = synthetic_visit((40, 48, 30), (4.0, 4.0, 5.0), code, lesions=[(-25.0, 10.0, 0.0, 7.0)],
+                        seed=6)
+    text = write_visit_report(tmp_path / "o.html", post_img=v["post"], labels_img=v["labels"],
+                              brain_mask_img=v["mask"], lesion_table=v["table"],
+                              overview_slices=1).read_text()
+    overview = re.search(r'alt="Overview of axial slices" src="data:image/png;base64,([^"]+)"',
+                         text).group(1)
+    (height, width, _), xs, ys = _yellow_xy(overview)
+    assert len(xs) > 10
+    assert xs.min() > width / 2        # patient's left on the image's right
+    assert np.median(ys) < height / 2  # anterior (y = +10 mm) in the upper half
+
+
+def test_gallery_outline_is_centred(tmp_path, visit_ras):
+    text = _report(tmp_path, visit_ras, pre=False, enh=False).read_text()
+    entry = re.search(r'id="lesion-2".*?base64,([^"]+)"', text).group(1)
+    (height, width, _), xs, ys = _yellow_xy(entry)
+    assert len(xs) > 10
+    assert abs(np.median(xs) - width / 2) < 0.12 * width
+
+
+def test_demo_command(tmp_path, capsys):
+    from lesionpipe.reports.demo import main
+
+    out = tmp_path / "demo.html"
+    assert main([str(out), "--shape", "32", "36", "20", "--zooms", "4", "4", "6",
+                 "--lesions", "2", "--post-only"]) == 0
+    assert out.exists() and "2 lesions" in capsys.readouterr().out
+    assert "Post-only visit" in out.read_text()
