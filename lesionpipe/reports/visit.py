@@ -321,8 +321,10 @@ def _section_header(visit: _Visit, title: str, facts: dict) -> str:
 <header id="summary">
   <h1>{html.escape(title) or "Visit report"}</h1>
   <div class="headline">
-    <div class="big"><span class="num" id="gel-count">{n}</span><span class="unit">{count_word}</span></div>
-    <div class="big"><span class="num" id="gel-volume">{vol:.1f}</span><span class="unit">mm&sup3; total GEL volume</span></div>
+    <div class="big"><span class="num" id="gel-count">{n}</span><span
+      class="unit">{count_word}</span></div>
+    <div class="big"><span class="num" id="gel-volume">{vol:.1f}</span><span
+      class="unit">mm&sup3; total GEL volume</span></div>
   </div>
   <p>{" ".join(badges)}</p>
   {none}
@@ -736,7 +738,8 @@ header { border-bottom: 1px solid #d8dee4; padding-bottom: 10px; }
 nav a { color: #0b5cad; }
 .scroll { overflow-x: auto; max-height: 520px; overflow-y: auto; }
 table { border-collapse: collapse; font-size: 14px; }
-table.lesions th, table.lesions td { padding: 3px 9px; text-align: right; border-bottom: 1px solid #e3e7eb; }
+table.lesions th, table.lesions td { padding: 3px 9px; text-align: right;
+                                     border-bottom: 1px solid #e3e7eb; }
 table.lesions thead th { position: sticky; top: 0; background: #f4f6f8; }
 table.lesions a { text-decoration: none; color: #0b5cad; }
 table.facts th, table.facts td { text-align: left; vertical-align: top; padding: 3px 12px 3px 0;
@@ -745,7 +748,8 @@ table.facts th { font-weight: 600; white-space: nowrap; }
 table.sub th, table.sub td { padding: 1px 10px 1px 0; border: none; font-size: 13px; }
 table.sub th { font-weight: 500; color: #444; }
 .gallery { display: flex; flex-wrap: wrap; gap: 14px; }
-figure.lesion { margin: 0; width: min-content; background: #111; color: #eee; padding: 4px; border-radius: 4px; }
+figure.lesion { margin: 0; width: min-content; background: #111; color: #eee; padding: 4px;
+                border-radius: 4px; }
 figure.lesion figcaption { font-size: 12.5px; padding: 3px 2px 1px; }
 img { display: block; image-rendering: auto; }
 img.wide { max-width: 100%; height: auto; background: #000; }
