@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import nibabel as nb
 import numpy as np
@@ -102,7 +106,7 @@ def test_one_lesion_post_only_las_thick(tmp_path, visit_las_thick):
     assert "".join(nb.aff2axcodes(v["post"].affine)) == "LAS"
     text = _report(tmp_path, v, pre=False, enh=False).read_text()
     _assert_offline(text)
-    assert 'id="gel-count">1<' in text and "1</span><span class=\"unit\">enhancing lesion<" in text
+    assert 'id="gel-count">1<' in text and 'class="unit">enhancing lesion<' in text
     assert _gallery_ids(text) == [1]
     assert "Post-only visit" in text and "no registration to check" in text
     assert len(_pngs(text)) == 3  # gallery, overview, brain mask: no registration figure
@@ -134,6 +138,13 @@ def test_edge_lesion_nan_and_oblique(tmp_path):
     assert _gallery_ids(text) == [1]
     assert "shown on the nearest anatomical axes" in text
     assert len(_pngs(text)) == 4
+
+
+def test_count_mismatch_between_facts_and_table_is_flagged(tmp_path, visit_ras):
+    text = _report(tmp_path, visit_ras, facts={"gel_count": 5}).read_text()
+    assert "The facts give gel_count = 5 but the lesion table has 3 rows." in text
+    text = _report(tmp_path, visit_ras, facts={"gel_count": 3}, name="ok.html").read_text()
+    assert "The facts give" not in text
 
 
 def test_table_label_mismatch_is_reported(tmp_path, visit_ras):
@@ -256,3 +267,92 @@ def test_lesion_table_helper_matches_contract():
                        LESIONS_3[0][:3], atol=3.0)
     assert isinstance(lesion_table_from_labels(lab, np.zeros(lab.shape), v["affine"]),
                       pd.DataFrame)
+
+
+@pytest.mark.parametrize("nz", [1, 2])
+def test_few_slice_grid(tmp_path, nz):
+    v = synthetic_visit((40, 48, nz), (1.0, 1.0, 6.0), "LAS", lesions=[(-5.0, 3.0, 0.0, 4.0)],
+                        seed=1)
+    text = _report(tmp_path, v).read_text()
+    _assert_offline(text)
+    assert _gallery_ids(text) == [1]
+    assert "Coronal and sagittal views omitted" in text
+    # no sliver figures: every embedded image stays a sensible shape
+    assert all(w / h < 8 for w, h in _pngs(text))
+
+
+def test_nan_everywhere_and_empty_mask(tmp_path, visit_ras):
+    v = dict(visit_ras)
+    v["mask"] = nb.Nifti1Image(np.zeros(v["mask"].shape, np.uint8), v["mask"].affine)
+    v["post"] = nb.Nifti1Image(np.full(v["post"].shape, np.nan, np.float32), v["post"].affine)
+    text = _report(tmp_path, v).read_text()
+    assert "The brain mask is empty" in text
+    assert _gallery_ids(text) == [1, 2, 3] and len(_pngs(text)) == 6
+
+
+def test_duplicate_lesion_ids_raise(tmp_path, visit_ras):
+    t = pd.concat([visit_ras["table"], visit_ras["table"].iloc[:1]])
+    with pytest.raises(ValueError, match="repeats lesion_id 1"):
+        _report(tmp_path, dict(visit_ras, table=t))
+
+
+def test_no_pyplot_and_no_backend_change(tmp_path):
+    """Drawing a report must not import pyplot nor switch matplotlib's global backend."""
+    code = (
+        "import sys, matplotlib\n"
+        "before = matplotlib.rcParams._get_backend_or_none()\n"
+        "from lesionpipe.reports.demo import synthetic_visit\n"
+        "from lesionpipe.reports import write_visit_report\n"
+        "v = synthetic_visit((24, 28, 20), (4, 4, 5), 'LAS', lesions=[(5, 5, 0, 5)])\n"
+        f"write_visit_report({str(tmp_path / 'x.html')!r}, post_img=v['post'], "
+        "labels_img=v['labels'], brain_mask_img=v['mask'], lesion_table=v['table'])\n"
+        "print('pyplot' if 'matplotlib.pyplot' in sys.modules else 'no-pyplot',\n"
+        "      matplotlib.rcParams._get_backend_or_none() == before)\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root,
+                                                                   os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=env)
+    assert out.stdout.split() == ["no-pyplot", "True"]
+
+
+def _yellow_xy(png_b64):
+    im = np.asarray(Image.open(io.BytesIO(base64.b64decode(png_b64))).convert("RGB")).astype(int)
+    r, g, b = im[..., 0], im[..., 1], im[..., 2]
+    ys, xs = np.nonzero((r > 200) & (g > 170) & (g < 235) & (b < 90))
+    return im.shape, xs, ys
+
+
+@pytest.mark.parametrize("code", ["RAS", "LAS", "LPS"])
+def test_rendered_overview_shows_left_lesion_on_image_right(tmp_path, code):
+    """End to end: the yellow outline of a left-hemisphere lesion lands on the right of the PNG."""
+    v = synthetic_visit((40, 48, 30), (4.0, 4.0, 5.0), code, lesions=[(-25.0, 10.0, 0.0, 7.0)],
+                        seed=6)
+    text = write_visit_report(tmp_path / "o.html", post_img=v["post"], labels_img=v["labels"],
+                              brain_mask_img=v["mask"], lesion_table=v["table"],
+                              overview_slices=1).read_text()
+    overview = re.search(r'alt="Overview of axial slices" src="data:image/png;base64,([^"]+)"',
+                         text).group(1)
+    (height, width, _), xs, ys = _yellow_xy(overview)
+    assert len(xs) > 10
+    assert xs.min() > width / 2        # patient's left on the image's right
+    assert np.median(ys) < height / 2  # anterior (y = +10 mm) in the upper half
+
+
+def test_gallery_outline_is_centred(tmp_path, visit_ras):
+    text = _report(tmp_path, visit_ras, pre=False, enh=False).read_text()
+    entry = re.search(r'id="lesion-2".*?base64,([^"]+)"', text).group(1)
+    (height, width, _), xs, ys = _yellow_xy(entry)
+    assert len(xs) > 10
+    assert abs(np.median(xs) - width / 2) < 0.12 * width
+
+
+def test_demo_command(tmp_path, capsys):
+    from lesionpipe.reports.demo import main
+
+    out = tmp_path / "demo.html"
+    assert main([str(out), "--shape", "32", "36", "20", "--zooms", "4", "4", "6",
+                 "--lesions", "2", "--post-only"]) == 0
+    assert out.exists() and "2 lesions" in capsys.readouterr().out
+    assert "Post-only visit" in out.read_text()

@@ -85,7 +85,7 @@ def synthetic_visit(shape=(40, 48, 30), zooms=(4.0, 4.0, 5.0), orientation="RAS"
     aff = make_affine(shape, zooms, orientation, oblique_deg=oblique_deg)
     x, y, z = world_coords(shape, aff)
     # head and brain sizes scale with the field of view so tiny test grids still hold a brain
-    fov = np.abs(aff[:3, :3] @ (np.asarray(shape) - 1)).astype(float)
+    fov = np.abs(aff[:3, :3] @ np.asarray(shape, float))
     a, b, c = 0.36 * fov[0], 0.40 * fov[1], 0.36 * fov[2]
     head = (x / (a * 1.15)) ** 2 + (y / (b * 1.12)) ** 2 + (z / (c * 1.15)) ** 2 <= 1
     brain = (x / a) ** 2 + (y / b) ** 2 + (z / c) ** 2 <= 1

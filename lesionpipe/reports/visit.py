@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from lesionpipe import __version__
 from lesionpipe.imageio import atomic_write_text
@@ -69,7 +70,7 @@ class _Visit:
 # --- public entry point ------------------------------------------------------------------------
 def write_visit_report(out_html, *, post_img, labels_img, brain_mask_img, lesion_table, pre_img=None,
                        enhancement_img=None, title="", facts=None, max_gallery: int = 40,
-                       overview_slices: int = 16, dpi: int = 90):
+                       overview_slices: int = 16, dpi: int = 90) -> Path:
     """Write the self-contained QA report of one visit and return its path.
 
     Parameters
@@ -158,6 +159,9 @@ def _prepare(*, post_img, pre_img, labels_img, brain_mask_img, enhancement_img, 
     if not mask.any():
         notes.append("The brain mask is empty; display windows use the whole image.")
     table = lesion_table.sort_values("lesion_id", kind="stable").reset_index(drop=True)
+    dup = table.lesion_id[table.lesion_id.duplicated()].unique().tolist()
+    if dup:
+        raise ValueError(f"visit report: lesion table repeats lesion_id {_id_list(dup)}")
     ids_in_image = set(np.unique(labels[labels > 0]).tolist())
     lesions = []
     has_ijk = all(c in table.columns for c in ("centroid_i", "centroid_j", "centroid_k"))
@@ -165,9 +169,9 @@ def _prepare(*, post_img, pre_img, labels_img, brain_mask_img, enhancement_img, 
         lid = int(row["lesion_id"])
         present = lid in ids_in_image
         cen = None
-        if has_ijk and all(np.isfinite(float(row[c])) for c in ("centroid_i", "centroid_j",
-                                                                 "centroid_k")):
-            cen = grid.to_ras_index([row["centroid_i"], row["centroid_j"], row["centroid_k"]])[0]
+        ijk = [_num(row.get(c)) for c in ("centroid_i", "centroid_j", "centroid_k")]
+        if has_ijk and np.isfinite(ijk).all():
+            cen = grid.to_ras_index(ijk)[0]
         elif present:
             cen = np.argwhere(labels == lid).mean(axis=0)
         lesions.append(_Lesion(lid, row, cen, present))
@@ -182,7 +186,16 @@ def _prepare(*, post_img, pre_img, labels_img, brain_mask_img, enhancement_img, 
     lesion_post = post[(labels > 0) & np.isfinite(post)]
     if lesion_post.size:  # keep enhancing lesions brighter than white matter, not clipped with it
         post_win = (post_win[0], max(post_win[1], float(np.percentile(lesion_post, 90))))
-    pre_win = None if pre is None else R.robust_window(pre, mask)
+    pre_win = None
+    if pre is not None:
+        # same window as post after matching brain medians, so equal tissue looks equally bright
+        sel = mask if mask.any() else np.ones(mask.shape, bool)
+        med_post = float(np.nanmedian(post[sel])) if np.isfinite(post[sel]).any() else 0.0
+        med_pre = float(np.nanmedian(pre[sel])) if np.isfinite(pre[sel]).any() else 0.0
+        if med_post > 0 and med_pre > 0:
+            pre_win = (post_win[0] * med_pre / med_post, post_win[1] * med_pre / med_post)
+        else:
+            pre_win = R.robust_window(pre, mask)
     enh_win = None
     if enh is not None:
         lo, hi = R.robust_window(enh, mask, low=0.5, high=99.9)
@@ -216,6 +229,14 @@ def filter_facts(facts: dict) -> tuple[dict, list]:
 
     _walk(facts, kept, "")
     return kept, sorted(dropped)
+
+
+def _num(v) -> float:
+    """``float(v)``, or NaN for anything that is not a number (None, text, missing)."""
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def _id_list(ids, limit: int = 12) -> str:
@@ -284,9 +305,14 @@ def _section_header(visit: _Visit, title: str, facts: dict) -> str:
         badges.append(f'<span class="badge">registration NCC {_fmt(ncc, 3)}</span>')
     count_word = "enhancing lesion" if n == 1 else "enhancing lesions"
     none = '<p class="none">No enhancing lesions detected.</p>' if n == 0 else ""
-    warnings = list(facts.get("warnings") or []) if isinstance(facts.get("warnings"),
-                                                               (list, tuple)) else (
-        [facts["warnings"]] if facts.get("warnings") else [])
+    warnings = facts.get("warnings") or []
+    if isinstance(warnings, (str, bytes, dict)) or not hasattr(warnings, "__iter__"):
+        warnings = [warnings]
+    warnings = list(warnings)
+    for key in ("gel_count", "count"):
+        if key in facts and _num(facts[key]) != n:
+            warnings.append(f"The facts give {key} = {facts[key]} but the lesion table has {n} "
+                            f"row{'s' if n != 1 else ''}.")
     warn_html = ""
     if warnings or visit.notes:
         items = "".join(f"<li>{html.escape(str(w))}</li>" for w in [*warnings, *visit.notes])
@@ -295,8 +321,10 @@ def _section_header(visit: _Visit, title: str, facts: dict) -> str:
 <header id="summary">
   <h1>{html.escape(title) or "Visit report"}</h1>
   <div class="headline">
-    <div class="big"><span class="num" id="gel-count">{n}</span><span class="unit">{count_word}</span></div>
-    <div class="big"><span class="num" id="gel-volume">{vol:.1f}</span><span class="unit">mm&sup3; total GEL volume</span></div>
+    <div class="big"><span class="num" id="gel-count">{n}</span><span
+      class="unit">{count_word}</span></div>
+    <div class="big"><span class="num" id="gel-volume">{vol:.1f}</span><span
+      class="unit">mm&sup3; total GEL volume</span></div>
   </div>
   <p>{" ".join(badges)}</p>
   {none}
@@ -370,26 +398,23 @@ def _gallery_png(visit: _Visit, le: _Lesion, *, dpi: int) -> tuple[bytes, int]:
     lab_c = _crop2d(lab2d, r0, r1, c0, c1, 0)
     tgt_c = lab_c == le.lesion_id
     other_c = np.where(tgt_c, 0, lab_c)
-    w = 1.75
+    w, gap, title_h = 2.0, 0.04, 0.22
     h = w * ((r1 - r0) * zy) / ((c1 - c0) * zx)
-    fig = R.new_figure(w * len(panels), h + 0.22, dpi=dpi)
-    top = h / (h + 0.22)
+    board = R.Board(len(panels) * w + (len(panels) - 1) * gap, h + title_h, dpi=dpi)
     for p, (name, vol, win, cmap) in enumerate(panels):
-        ax = fig.add_axes((p / len(panels), 0, 1 / len(panels), top))
+        x0 = p * (w + gap)
+        pan = board.panel(x0, title_h, w, h, tgt_c.shape)
         img2d, _ = R.plane_slice(vol, visit.zooms, "axial", k)
-        R.show_gray(ax, _crop2d(img2d.astype(np.float32), r0, r1, c0, c1, np.nan), aspect, win,
-                    cmap=cmap)
-        R.draw_outline(ax, other_c, colour=R.OTHER_LESION_COLOUR, lw=0.8, linestyle=(0, (2, 2)))
-        R.draw_outline(ax, tgt_c, colour=R.MASK_COLOUR if cmap != "gray" else R.LESION_COLOUR,
-                       lw=1.1)
+        pan.image(_crop2d(img2d.astype(np.float32), r0, r1, c0, c1, np.nan), win, cmap=cmap)
+        pan.outline(other_c, colour=R.OTHER_LESION_COLOUR, lw=0.8, linestyle=(0, (2, 2)))
+        pan.outline(tgt_c, colour=R.MASK_COLOUR if cmap != "gray" else R.LESION_COLOUR, lw=1.1)
         if tgt_c.any():
             rr, cc = np.nonzero(tgt_c)
-            R.label_text(ax, cc.max() + 1.0, rr.min() - 0.5, str(le.lesion_id), size=10)
-        fig.text((p + 0.5) / len(panels), 1 - 0.11 / (h + 0.22), name, color="#dddddd",
-                 fontsize=8, ha="center", va="center")
+            pan.label(cc.max() + 0.5, rr.min() - 0.5, str(le.lesion_id), size=10)
+        board.text(x0 + w / 2, title_h / 2, name)
         if p == 0:
-            R.side_letters(ax, "axial", size=7)
-    return R.figure_png(fig), k
+            pan.side_letters("axial")
+    return board.png(), k
 
 
 def _section_gallery(visit: _Visit, *, max_gallery: int, dpi: int) -> str:
@@ -402,7 +427,9 @@ def _section_gallery(visit: _Visit, *, max_gallery: int, dpi: int) -> str:
     world = visit.grid.affine
     for le in shown:
         png, k = _gallery_png(visit, le, dpi=dpi)
-        zmm = float((world @ np.r_[0.0, 0.0, k, 1.0])[2]) if abs(world[2, 2]) > 0 else float("nan")
+        cx, cy = (le.centroid_ras[:2] if le.centroid_ras is not None
+                  else (np.array(visit.post.shape[:2]) - 1) / 2.0)
+        zmm = float((world @ np.r_[cx, cy, k, 1.0])[2])
         row = le.row
         enh = ""
         if "mean_enhancement_pct" in row or "peak_enhancement_pct" in row:
@@ -417,8 +444,9 @@ def _section_gallery(visit: _Visit, *, max_gallery: int, dpi: int) -> str:
             f'{_fmt(zmm, 1)}&nbsp;mm</figcaption></figure>')
     note = ""
     if omitted:
-        note = (f'<p class="note">{omitted} more lesion{"s" if omitted != 1 else ""} '
-                f'(lesion {shown[-1].lesion_id + 1 if shown else 1} onward in the table) '
+        after = f"(those after lesion {shown[-1].lesion_id} in the table) " if shown else ""
+        note = (f'<p class="note">{omitted} {"more " if shown else ""}lesion'
+                f'{"s" if omitted != 1 else ""} {after}'
                 f'{"are" if omitted != 1 else "is"} not shown here to keep the page small; '
                 f'{"they are" if omitted != 1 else "it is"} outlined and numbered in the overview.'
                 f'</p>')
@@ -458,19 +486,18 @@ def _section_overview(visit: _Visit, *, n_slices: int, dpi: int) -> str:
     c0, c1 = nx - bb[0].stop, nx - bb[0].start
     ncol = min(4, len(picks))
     nrow = int(math.ceil(len(picks) / ncol))
-    w = 2.55
+    w = 3.0
     h = w * ((r1 - r0) * zy) / ((c1 - c0) * zx)
-    fig = R.new_figure(w * ncol, h * nrow, dpi=dpi)
-    centroids = [(le, le.centroid_ras) for le in visit.lesions if le.centroid_ras is not None]
+    board = R.Board(w * ncol, h * nrow, dpi=dpi)
     for n, k in enumerate(picks):
-        ax = fig.add_axes(((n % ncol) / ncol, 1 - (n // ncol + 1) / nrow, 1 / ncol, 1 / nrow))
-        img2d, aspect = R.plane_slice(visit.post, visit.zooms, "axial", k)
-        R.show_gray(ax, img2d[r0:r1, c0:c1], aspect, visit.post_win)
+        pan = board.panel((n % ncol) * w, (n // ncol) * h, w, h, (r1 - r0, c1 - c0))
+        img2d, _ = R.plane_slice(visit.post, visit.zooms, "axial", k)
+        pan.image(img2d[r0:r1, c0:c1], visit.post_win)
         m2d, _ = R.plane_slice(visit.mask, visit.zooms, "axial", k)
-        R.draw_outline(ax, m2d[r0:r1, c0:c1], colour=R.MASK_COLOUR, lw=0.6, alpha=0.8)
+        pan.outline(m2d[r0:r1, c0:c1], colour=R.MASK_COLOUR, lw=0.6, alpha=0.8)
         lab2d, _ = R.plane_slice(visit.labels, visit.zooms, "axial", k)
         lab_c = lab2d[r0:r1, c0:c1]
-        R.draw_outline(ax, lab_c, colour=R.LESION_COLOUR, lw=1.0)
+        pan.outline(lab_c, colour=R.LESION_COLOUR, lw=1.0)
         # lesions inside this panel's slab that miss the displayed slice: dashed projection
         nz = visit.labels.shape[2]
         s0 = 0 if n == 0 else int(math.ceil(bounds[n]))
@@ -480,30 +507,45 @@ def _section_overview(visit: _Visit, *, n_slices: int, dpi: int) -> str:
         if in_slab:
             proj = np.isin(slab, list(in_slab)).any(axis=2)
             p2d, _ = R.plane_slice(proj[:, :, None], visit.zooms, "axial", 0)
-            R.draw_outline(ax, p2d[r0:r1, c0:c1], colour=R.LESION_COLOUR, lw=0.8,
-                           linestyle=(0, (1.5, 1.5)))
-        for le, cen in centroids:
-            if bounds[n] <= cen[2] < bounds[n + 1]:
-                rr, cc = _display_rc(visit, "axial", cen)
-                R.label_text(ax, cc - c0 + 1.5, rr - r0 - 1.0, str(le.lesion_id), size=8)
-        zmm = float((visit.grid.affine @ np.r_[0.0, 0.0, k, 1.0])[2])
-        ax.text(0.02, 0.02, f"z {zmm:.0f} mm", transform=ax.transAxes, color="#bbbbbb",
-                fontsize=7, ha="left", va="bottom")
-        R.side_letters(ax, "axial", size=7)
-    png = R.figure_png(fig)
+            pan.outline(p2d[r0:r1, c0:c1], colour=R.LESION_COLOUR, lw=0.8,
+                        linestyle=(0, (1.5, 1.5)))
+        # number every lesion drawn in this panel next to its outline
+        numbered = lab_c.copy()
+        if in_slab:
+            numbered = np.where((numbered == 0) & p2d[r0:r1, c0:c1],
+                                _slab_ids(slab, in_slab, visit)[r0:r1, c0:c1], numbered)
+        for lid, box in enumerate(ndimage.find_objects(numbered), start=1):
+            if box is not None:
+                pan.label(box[1].stop - 0.5, box[0].start - 0.5, str(lid), size=8)
+        zmm = float((visit.grid.affine @ np.r_[(nx - 1) / 2.0, (ny - 1) / 2.0, k, 1.0])[2])
+        pan.note(f"z {zmm:.0f} mm")
+        pan.side_letters("axial")
+    png = board.png()
     return (f'<section id="overview"><h2>Overview</h2>'
             f'<p class="caption">{len(picks)} axial post-contrast slices spanning the brain. '
             f'Yellow: lesion outlines on the displayed slice (dotted: a lesion lying between this '
-            f'slice and the neighbouring panels, projected); each number sits in the panel nearest '
-            f'to the lesion\'s centroid. Blue: brain mask.</p>'
+            f'slice and the neighbouring panels, projected), numbered as in the table. '
+            f'Blue: brain mask.</p>'
             f'<img class="wide" alt="Overview of axial slices" src="{R.png_data_uri(png)}">'
             f'</section>')
 
 
+def _slab_ids(slab, ids, visit):
+    """Display-plane image of the (largest) label id among ``ids`` found through a slab."""
+    masked = np.where(np.isin(slab, list(ids)), slab, 0).max(axis=2)
+    out, _ = R.plane_slice(masked[:, :, None], visit.zooms, "axial", 0)
+    return out
+
+
 def _ortho_centre(visit: _Visit) -> np.ndarray:
-    if visit.mask.any():
-        return np.rint(np.argwhere(visit.mask).mean(axis=0)).astype(int)
-    return np.array(visit.post.shape) // 2
+    """Centre of mass of the brain mask (RAS voxel indices), or the grid centre."""
+    if not visit.mask.any():
+        return np.array(visit.post.shape) // 2
+    centre = []
+    for ax in range(3):
+        w = visit.mask.sum(axis=tuple(a for a in range(3) if a != ax), dtype=np.int64)
+        centre.append(int(round(float((np.arange(w.size) * w).sum() / w.sum()))))
+    return np.array(centre)
 
 
 def _ortho_views(visit: _Visit, centre, bb):
@@ -515,6 +557,23 @@ def _ortho_views(visit: _Visit, centre, bb):
         "sagittal": (nz - bb[2].stop, nz - bb[2].start, ny - bb[1].stop, ny - bb[1].start),
     }
     return [(p, int(centre[R._PLANE_AXIS[p]]), crops[p]) for p in R.PLANES]
+
+
+def _usable(visit: _Visit, views) -> tuple[list, str]:
+    """Drop views that would be slivers (a grid with only a few slices), with a note saying so."""
+    keep, dropped = [], []
+    for v in views:
+        plane, _, crop = v
+        if crop[1] - crop[0] >= 3 and _phys_aspect(visit, plane, crop) >= 0.08:
+            keep.append(v)
+        elif plane not in dropped:
+            dropped.append(plane)
+    note = ""
+    if dropped:
+        note = (f" {' and '.join(dropped).capitalize()} view{'s' if len(dropped) > 1 else ''} "
+                f"omitted: the volume has only {visit.post.shape[2]} axial slice"
+                f"{'s' if visit.post.shape[2] != 1 else ''}.")
+    return keep, note
 
 
 def _phys_aspect(visit: _Visit, plane: str, crop) -> float:
@@ -532,34 +591,30 @@ def _section_registration(visit: _Visit, facts: dict, *, dpi: int) -> str:
                 '</section>')
     bb = _brain_bbox(visit)
     views = _ortho_views(visit, _ortho_centre(visit), bb)
-    w = 2.4
+    others, dropped_note = _usable(visit, views[1:])
+    views = views[:1] + others
+    w, gap, title_h = 3.0, 0.03, 0.22
     heights = [w * _phys_aspect(visit, p, c) for p, _, c in views]
-    title_h = 0.22
-    fig = R.new_figure(3 * w, sum(heights) + title_h, dpi=dpi)
-    total = sum(heights) + title_h
-    y = total - title_h
+    board = R.Board(3 * w + 2 * gap, sum(heights) + gap * (len(heights) - 1) + title_h, dpi=dpi)
     for col, name in enumerate(("pre-contrast", "post-contrast", "pre edges on post")):
-        fig.text((col + 0.5) / 3, 1 - title_h / 2 / total, name, color="#dddddd", fontsize=9,
-                 ha="center", va="center")
+        board.text(col * (w + gap) + w / 2, title_h / 2, name, size=9)
+    y = title_h
     for (plane, idx, (r0, r1, c0, c1)), hgt in zip(views, heights):
-        y -= hgt
-        pre2d, aspect = R.plane_slice(visit.pre, visit.zooms, plane, idx)
+        pre2d, _ = R.plane_slice(visit.pre, visit.zooms, plane, idx)
         post2d, _ = R.plane_slice(visit.post, visit.zooms, plane, idx)
-        m2d, _ = R.plane_slice(visit.mask, visit.zooms, plane, idx)
         pre_c, post_c = pre2d[r0:r1, c0:c1], post2d[r0:r1, c0:c1]
+        edges = R.edge_map(np.clip(np.nan_to_num(pre_c, nan=visit.pre_win[0]), *visit.pre_win))
+        rgba = np.zeros(edges.shape + (4,), np.float32)
+        rgba[edges] = (1.0, 0.24, 0.96, 0.95)
         for col, (arr, win) in enumerate(((pre_c, visit.pre_win), (post_c, visit.post_win),
                                           (post_c, visit.post_win))):
-            ax = fig.add_axes((col / 3, y / total, 1 / 3, hgt / total))
-            R.show_gray(ax, arr, aspect, win)
-            R.side_letters(ax, plane, size=7)
+            pan = board.panel(col * (w + gap), y, w, hgt, arr.shape)
+            pan.image(arr, win)
             if col == 2:
-                edges = R.edge_map(np.clip(pre_c, *visit.pre_win))
-                rgba = np.zeros(edges.shape + (4,), np.float32)
-                rgba[edges] = (1.0, 0.24, 0.96, 0.95)
-                ax.imshow(rgba, aspect=aspect, interpolation="nearest", origin="upper")
-                ax.set_xlim(-0.5, arr.shape[1] - 0.5)
-                ax.set_ylim(arr.shape[0] - 0.5, -0.5)
-    png = R.figure_png(fig)
+                pan.rgba(rgba)
+            pan.side_letters(plane)
+        y += hgt + gap
+    png = board.png()
     ncc = facts.get("registration_ncc")
     ncc_txt = f" Normalised cross-correlation after registration: {_fmt(ncc, 3)}." \
         if ncc is not None else ""
@@ -567,7 +622,8 @@ def _section_registration(visit: _Visit, facts: dict, *, dpi: int) -> str:
             f'<p class="caption">Pre-contrast (registered onto the post-contrast grid) and '
             f'post-contrast images on axial, coronal and sagittal slices through the brain centre. '
             f'Right column: edges of the pre-contrast image (magenta) drawn over the post-contrast '
-            f'image; they should follow the ventricles, sulci and brain surface.{ncc_txt}</p>'
+            f'image; they should follow the ventricles, sulci and brain surface.{ncc_txt}'
+            f'{dropped_note}</p>'
             f'<img class="wide" alt="Registration check" src="{R.png_data_uri(png)}"></section>')
 
 
@@ -580,27 +636,26 @@ def _section_mask(visit: _Visit, *, dpi: int) -> str:
         zs = np.arange(visit.post.shape[2])
     levels = sorted({int(zs[int(round(f * (len(zs) - 1)))]) for f in (0.25, 0.5, 0.75)})
     views = _ortho_views(visit, centre, bb)
-    panels = [("axial", k, views[0][2]) for k in levels] + [v for v in views if v[0] != "axial"]
-    h = 2.3
+    others, dropped_note = _usable(visit, views[1:])
+    panels = [("axial", k, views[0][2]) for k in levels] + others
+    h, gap = 2.3, 0.03
     widths = [h / _phys_aspect(visit, p, c) for p, _, c in panels]
-    total = sum(widths)
-    fig = R.new_figure(total, h, dpi=dpi)
+    board = R.Board(sum(widths) + gap * (len(widths) - 1), h, dpi=dpi)
     x = 0.0
     for (plane, idx, (r0, r1, c0, c1)), wid in zip(panels, widths):
-        ax = fig.add_axes((x / total, 0, wid / total, 1))
-        x += wid
-        post2d, aspect = R.plane_slice(visit.post, visit.zooms, plane, idx)
+        post2d, _ = R.plane_slice(visit.post, visit.zooms, plane, idx)
         m2d, _ = R.plane_slice(visit.mask, visit.zooms, plane, idx)
-        R.show_gray(ax, post2d[r0:r1, c0:c1], aspect, visit.post_win)
-        R.draw_outline(ax, m2d[r0:r1, c0:c1], colour=R.MASK_COLOUR, lw=0.9)
-        R.side_letters(ax, plane, size=7)
-        ax.text(0.5, 0.98, plane, transform=ax.transAxes, color="#dddddd", fontsize=7,
-                ha="center", va="top")
-    png = R.figure_png(fig)
+        pan = board.panel(x, 0.0, wid, h, (r1 - r0, c1 - c0))
+        pan.image(post2d[r0:r1, c0:c1], visit.post_win)
+        pan.outline(m2d[r0:r1, c0:c1], colour=R.MASK_COLOUR, lw=0.9)
+        pan.side_letters(plane)
+        pan.note(plane, where="top", colour="#dddddd")
+        x += wid + gap
+    png = board.png()
     return (f'<section id="brainmask"><h2>Brain-mask check</h2>'
             f'<p class="caption">Brain-mask outline (blue) over the post-contrast image: three axial '
             f'levels, then coronal and sagittal slices through the brain centre. The outline should '
-            f'follow the brain surface without cutting cortex or including scalp.</p>'
+            f'follow the brain surface without cutting cortex or including scalp.{dropped_note}</p>'
             f'<img class="wide" alt="Brain-mask check" src="{R.png_data_uri(png)}"></section>')
 
 
@@ -683,7 +738,8 @@ header { border-bottom: 1px solid #d8dee4; padding-bottom: 10px; }
 nav a { color: #0b5cad; }
 .scroll { overflow-x: auto; max-height: 520px; overflow-y: auto; }
 table { border-collapse: collapse; font-size: 14px; }
-table.lesions th, table.lesions td { padding: 3px 9px; text-align: right; border-bottom: 1px solid #e3e7eb; }
+table.lesions th, table.lesions td { padding: 3px 9px; text-align: right;
+                                     border-bottom: 1px solid #e3e7eb; }
 table.lesions thead th { position: sticky; top: 0; background: #f4f6f8; }
 table.lesions a { text-decoration: none; color: #0b5cad; }
 table.facts th, table.facts td { text-align: left; vertical-align: top; padding: 3px 12px 3px 0;
@@ -692,8 +748,9 @@ table.facts th { font-weight: 600; white-space: nowrap; }
 table.sub th, table.sub td { padding: 1px 10px 1px 0; border: none; font-size: 13px; }
 table.sub th { font-weight: 500; color: #444; }
 .gallery { display: flex; flex-wrap: wrap; gap: 14px; }
-figure.lesion { margin: 0; background: #111; color: #eee; padding: 4px; border-radius: 4px; }
-figure.lesion figcaption { font-size: 12.5px; max-width: 520px; padding: 3px 2px 1px; }
+figure.lesion { margin: 0; width: min-content; background: #111; color: #eee; padding: 4px;
+                border-radius: 4px; }
+figure.lesion figcaption { font-size: 12.5px; padding: 3px 2px 1px; }
 img { display: block; image-rendering: auto; }
 img.wide { max-width: 100%; height: auto; background: #000; }
 @media print { .scroll { max-height: none; overflow: visible; } h2 { break-after: avoid; }
