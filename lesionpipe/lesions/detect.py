@@ -119,11 +119,9 @@ def detect_lesions(post_n: np.ndarray, zooms, brain: np.ndarray, settings: Setti
         sl = tuple(slice(max(0, s.start - p), min(dim, s.stop + p))
                    for s, p, dim in zip(sl, pad, lab.shape))
         comp = lab[sl] == idx
-        # extent at half the component's smoothed peak: smoothing must not inflate small lesions
-        local = enh_s[sl]
-        half = max(lo, 0.5 * float(local[comp].max()))
-        comp = comp & (local >= half)
-        for piece, how in _split_tubes(comp, zooms, settings):
+        pieces = ((piece, how) for region in _peel(comp, enh_s[sl], lo=lo, hi=hi, conn=conn)
+                  for piece, how in _split_tubes(region, zooms, settings))
+        for piece, how in pieces:
             feats = _features(piece, sl, enh, depth, csf, ventricles, outside_shell_ok, ref,
                               zooms, vox_vol)
             feats["split"] = how
@@ -146,6 +144,30 @@ def detect_lesions(post_n: np.ndarray, zooms, brain: np.ndarray, settings: Setti
     table = pd.DataFrame(rows)
     return Detection(labels=labels, enhancement=enh, candidates=table, noise_sigma=sigma,
                      thresholds={"high_pct": hi, "low_pct": lo, "sigma_pct": sigma})
+
+
+def _peel(comp: np.ndarray, enh_s: np.ndarray, *, lo: float, hi: float, conn: np.ndarray):
+    """Split a hysteresis component into regions, each at half of its own peak.
+
+    The brightest remaining peak's half-maximum region is taken (with a one-voxel margin) and the
+    rest examined again, so a lesion touching a much brighter vessel keeps its own extent instead
+    of vanishing under the vessel's half-maximum. A ring is one region: its rim is one plateau.
+    Smoothing does not inflate small lesions either, as the extent is a half-maximum.
+    """
+    remaining = comp.copy()
+    for _ in range(50):
+        if not remaining.any():
+            return
+        vals = np.where(remaining, enh_s, -np.inf)
+        peak_idx = np.unravel_index(int(np.argmax(vals)), vals.shape)
+        peak = float(vals[peak_idx])
+        if peak < hi:
+            return
+        above = remaining & (enh_s >= max(lo, 0.5 * peak))
+        lab, _ = ndi.label(above, structure=conn)
+        region = lab == lab[peak_idx]
+        yield region
+        remaining &= ~ndi.binary_dilation(region, structure=conn)
 
 
 def _relabel_connected(labels: np.ndarray, conn: np.ndarray) -> np.ndarray:
@@ -277,7 +299,7 @@ def _reject_reason(f: dict, s: Settings) -> str:
         return "CSF space (choroid plexus / cisternal vessel)"
     if f["shell_wm"] < s.min_shell_wm:
         return "not in white matter (cortical / sulcal vessel)"
-    if f["n_voxels"] >= 8 and f["tubularity"] > s.max_tubularity:
+    if f["n_voxels"] >= 30 and f["tubularity"] > s.max_tubularity:
         return "tubular (vessel)"
     if f["n_voxels"] >= 6 and f["elongation"] > s.max_elongation:
         return "tubular (vessel)"
