@@ -147,3 +147,155 @@ def write_review_outputs(out_dir: str | Path, *, seed: int = 0) -> list[FixtureV
     (out / "gel_counts.tsv").write_text(
         "\n".join("\t".join(r) for r in [header] + count_rows) + "\n")
     return visits
+
+
+# --- review database, server process and HTTP client helpers --------------------------------
+READERS = {"ann": "Dr Ann Reader", "bob": "Dr Bob Reader"}
+ADJUDICATORS = {"cat": "Dr Cat Adjudicator"}
+
+
+def password(username: str) -> str:
+    return f"pw-{username}-correct-horse"
+
+
+def make_review_db(out_dir, db, *, readers=READERS, adjudicators=ADJUDICATORS,
+                   extra_readers: int = 0):
+    """Users (password = :func:`password`) and assignments: every visit read by the first two
+    readers; ``extra_readers`` more readers r00, r01 ... spread over the visits."""
+    from lesionpipe.review.store import Store
+    from lesionpipe.review.visitdata import reviewable_visits
+
+    store = Store(db)
+    for u, name in readers.items():
+        store.add_user(u, name, "reader", password(u))
+    for u, name in adjudicators.items():
+        store.add_user(u, name, "adjudicator", password(u))
+    visits = reviewable_visits(out_dir)
+    store.add_visits(visits)
+    ids = [v["id"] for v in store.visits()]
+    names = list(readers)
+    for vid in ids:
+        for u in names[:2]:
+            store.assign(vid, u, "read")
+        if adjudicators:
+            store.assign(vid, next(iter(adjudicators)), "adjudication")
+    store.close()
+    return store
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(out_dir, db, *, port: int | None = None, threads: int = 8, timeout: float = 30):
+    """Run ``lesionpipe review`` in a subprocess; returns (Popen, base_url) once it answers."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    port = port or free_port()
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo), NIPYPE_NO_ET="1")
+    proc = subprocess.Popen([sys.executable, "-m", "lesionpipe.cli", "review", str(out_dir),
+                             "--db", str(db), "--port", str(port), "--threads", str(threads)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stdout.read().decode()[-2000:]}")
+        try:
+            urllib.request.urlopen(url + "/login", timeout=2).read()
+            return proc, url
+        except (urllib.error.URLError, ConnectionError, OSError):
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+class Client:
+    """A minimal keep-alive HTTP client with the session cookie and CSRF token of one user."""
+
+    def __init__(self, base_url: str):
+        import http.client
+        from urllib.parse import urlparse
+
+        u = urlparse(base_url)
+        self.host, self.port = u.hostname, u.port
+        self.conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
+        self.cookies: dict[str, str] = {}
+        self.csrf = ""
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict | None = None):
+        import http.client
+
+        h = dict(headers or {})
+        if self.cookies:
+            h["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        for attempt in range(2):
+            try:
+                self.conn.request(method, path, body=body, headers=h)
+                resp = self.conn.getresponse()
+                data = resp.read()
+                break
+            except (http.client.HTTPException, ConnectionError):
+                if attempt:
+                    raise
+                self.conn.close()
+                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
+        for k, v in resp.getheaders():
+            if k.lower() == "set-cookie":
+                name, _, rest = v.partition("=")
+                value = rest.split(";", 1)[0]
+                if "Max-Age=0" in v or "expires=Thu, 01 Jan 1970" in v:
+                    self.cookies.pop(name, None)
+                else:
+                    self.cookies[name] = value
+        return resp.status, dict(resp.getheaders()), data
+
+    def login(self, username: str, pw: str | None = None) -> int:
+        import re
+        from urllib.parse import urlencode
+
+        _, _, page = self.request("GET", "/login")
+        token = re.search(rb'name="csrf_token" value="([^"]+)"', page).group(1).decode()
+        status, _, _ = self.request(
+            "POST", "/login", urlencode({"username": username, "password": pw or password(username),
+                                         "csrf_token": token}).encode(),
+            {"Content-Type": "application/x-www-form-urlencoded"})
+        if status == 302:
+            _, _, page = self.request("GET", "/")
+            found = re.search(rb'name="csrf_token" value="([^"]+)"', page)
+            self.csrf = found.group(1).decode() if found else ""
+        return status
+
+    def get_json(self, path: str):
+        import json as _json
+
+        status, _, data = self.request("GET", path)
+        return status, (_json.loads(data) if data[:1] in (b"{", b"[") else None)
+
+    def post_json(self, path: str, obj, *, csrf: bool = True):
+        import json as _json
+
+        headers = {"Content-Type": "application/json"}
+        if csrf:
+            headers["X-CSRF-Token"] = self.csrf
+        status, _, data = self.request("POST", path, _json.dumps(obj).encode(), headers)
+        return status, (_json.loads(data) if data[:1] in (b"{", b"[") else None)
+
+    def codes(self) -> list[dict]:
+        status, body = self.get_json("/api/worklist")
+        assert status == 200, status
+        return body["items"]
+
+    def close(self) -> None:
+        self.conn.close()

@@ -61,9 +61,16 @@ def create_app(output_dir: str | Path, db_path: str | Path, settings: ReviewSett
             return jsonify({"error": message}), status
         return render_template("error.html", message=message, status=status), status
 
+    app.url_map.merge_slashes = False
+    app.url_map.strict_slashes = False
+
     @app.before_request
     def authenticate():
         g.user = None
+        path = request.path
+        if ("\x00" in path or "\\" in path or "//" in path
+                or any(seg in ("..", ".") for seg in path.split("/"))):
+            return jsonify({"error": "invalid path"}), 400
         endpoint = request.endpoint
         if endpoint in PUBLIC_ENDPOINTS:
             return None
@@ -119,7 +126,10 @@ def create_app(output_dir: str | Path, db_path: str | Path, settings: ReviewSett
 
     # --- login ------------------------------------------------------------------------------
     def login_page(error: str = "", status: int = 200):
-        token = secrets.token_urlsafe(24)
+        # keep an existing token: parallel GETs (favicon...) must not invalidate the open form
+        token = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+        if not (20 <= len(token) <= 64 and token.replace("-", "").replace("_", "").isalnum()):
+            token = secrets.token_urlsafe(24)
         resp = Response(render_template("login.html", error=error, csrf=token,
                                         version=__version__), status)
         resp.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="Strict",

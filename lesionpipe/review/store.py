@@ -221,14 +221,23 @@ class Store:
         if mode.lower() != "wal":
             raise ReviewError(f"{self.path}: cannot switch the database to WAL mode (got {mode})")
         with self.write() as c:
+            existing = c.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone()
             for stmt in SCHEMA.split(";"):
                 if stmt.strip():
                     c.execute(stmt)
             for table in _APPEND_ONLY:
                 for op in ("UPDATE", "DELETE"):
-                    c.execute(f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} "
-                              f"ON {table} BEGIN SELECT RAISE(ABORT, '{table} is append-only: "
-                              f"{op} refused'); END")
+                    name = f"{table}_no_{op.lower()}"
+                    if c.execute("SELECT 1 FROM sqlite_master WHERE type='trigger' AND name=?",
+                                 (name,)).fetchone():
+                        continue
+                    c.execute(f"CREATE TRIGGER {name} BEFORE {op} ON {table} BEGIN SELECT "
+                              f"RAISE(ABORT, '{table} is append-only: {op} refused'); END")
+                    if existing:
+                        # someone removed a safeguard: restore it, and leave a permanent trace
+                        self.audit(c, user=None, action="trigger_restored", target=name,
+                                   reason="append-only trigger was missing when the database "
+                                          "was opened")
             c.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', '1')")
 
     # --- connections and transactions -------------------------------------------------------
@@ -341,6 +350,10 @@ class Store:
                 if not self.one("SELECT 1 FROM sqlite_master WHERE type='trigger' AND name=?",
                                 (f"{table}_no_{op}",)):
                     problems.append(f"append-only trigger {table}_no_{op} has been removed")
+        for a in audit_rows.values():
+            if a["action"] == "trigger_restored":
+                problems.append(f"append-only trigger {a['target']} had been removed (found and "
+                                f"restored at {a['utc']}, audit record {a['id']})")
         return VerifyResult(not problems, n, prev, problems)
 
     # --- users -----------------------------------------------------------------------------

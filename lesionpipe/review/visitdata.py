@@ -7,6 +7,7 @@ between the two.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -66,10 +67,22 @@ def read_counts(output_dir: str | Path) -> pd.DataFrame:
     return df
 
 
+_LABEL = re.compile(r"^(sub|ses)-[A-Za-z0-9]+$")
+
+
 def reviewable_visits(output_dir: str | Path) -> list[tuple[str, str]]:
     """(participant_id, session_id) of every visit the pipeline finished (status ``ok``)."""
     df = read_counts(output_dir)
-    return [(r.participant_id, r.session_id) for r in df.itertuples() if r.status == "ok"]
+    out = []
+    for r in df.itertuples():
+        if r.status != "ok":
+            continue
+        if not (_LABEL.match(r.participant_id) and r.participant_id.startswith("sub-")
+                and _LABEL.match(r.session_id) and r.session_id.startswith("ses-")):
+            raise OutputError(f"{Path(output_dir) / 'gel_counts.tsv'}: invalid BIDS labels "
+                              f"{r.participant_id!r}/{r.session_id!r}")
+        out.append((r.participant_id, r.session_id))
+    return out
 
 
 @dataclass(frozen=True)

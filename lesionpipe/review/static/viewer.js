@@ -14,7 +14,7 @@
   };
   const COLORS = {
     confirm: [60, 220, 90], reject: [235, 60, 60], none: [255, 215, 0],
-    added: [0, 210, 255], preview: [255, 0, 255], selected: [255, 255, 255],
+    added: [0, 210, 255], preview: [255, 0, 255], selected: [255, 140, 0],
   };
 
   let meta = null, state = null;
@@ -116,7 +116,7 @@
     cap.className = "caption";
     cap.textContent = title;
     const canvas = document.createElement("canvas");
-    canvas.width = 380; canvas.height = 380;
+    canvas.width = 340; canvas.height = 340;
     canvas.id = `canvas-${volKind}`;
     const wl = document.createElement("div");
     wl.className = "wl small";
@@ -285,13 +285,17 @@
 
   function decisionCell(key, current) {
     const td = el("td", { class: "decide" });
-    const ok = el("button", { class: "confirm", title: "Confirm (c)" }, "\u2713 Confirm");
+    const ok = el("button", { class: "confirm", title: "Confirm (c)" }, "\u2713");
     const select = el("select", { class: "reason" });
     select.append(el("option", { value: "" }, "reason\u2026"));
     for (const r of state.reject_reasons) select.append(el("option", { value: r }, REASON_LABELS[r] || r));
-    const note = el("input", { class: "note", placeholder: "note", maxlength: "300" });
+    const note = el("input", { class: "note", placeholder: "why?", maxlength: "300" });
+    note.hidden = true;
+    select.addEventListener("change", () => { note.hidden = select.value !== "other"; });
     const no = el("button", { class: "reject", title: "Reject with the chosen reason" }, "\u2717 Reject");
-    if (current && current.decision === "reject") { select.value = current.reason; note.value = current.note || ""; }
+    if (current && current.decision === "reject") {
+      select.value = current.reason; note.value = current.note || ""; note.hidden = current.reason !== "other";
+    }
     ok.addEventListener("click", (ev) => { ev.stopPropagation(); decide(key, "confirm", "", ""); });
     no.addEventListener("click", (ev) => {
       ev.stopPropagation();
