@@ -99,8 +99,12 @@ LESION_COLUMNS = ["lesion_id", "n_voxels", "volume_mm3", "centroid_x", "centroid
                   "peak_enhancement_pct"]
 
 
-def write_review_outputs(out_dir: str | Path, *, seed: int = 0) -> list[FixtureVisit]:
-    """Write a pipeline OUTPUT_DIR with three reviewable visits and one failed visit."""
+def write_review_outputs(out_dir: str | Path, *, seed: int = 0,
+                         extra_visits: int = 0) -> list[FixtureVisit]:
+    """Write a pipeline OUTPUT_DIR with three reviewable visits and one failed visit.
+
+    ``extra_visits`` adds that many more visits (participants sub-101 ...) drawn like the first.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -112,6 +116,9 @@ def write_review_outputs(out_dir: str | Path, *, seed: int = 0) -> list[FixtureV
              ("sub-01", "ses-w04", True, [(18, 28, 10)], (10, 14, 12), (30, 30, 14)),
              ("sub-02", "ses-w00", False, [(20, 20, 10), (28, 30, 13)], (14, 34, 10),
               (34, 16, 10))]
+    for n in range(extra_visits):
+        base = specs[n % 3]
+        specs.append((f"sub-{101 + n}", base[1], *base[2:]))
     weeks = {"ses-w00": 0, "ses-w04": 4}
     visits, count_rows = [], []
     for sub, ses, has_pre, centres, vessel, missed in specs:
@@ -203,14 +210,18 @@ def start_server(out_dir, db, *, port: int | None = None, threads: int = 8, time
     port = port or free_port()
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(repo), NIPYPE_NO_ET="1")
+    # the server's log goes to a file: an unread pipe would fill up and stall the server
+    log = open(Path(db).with_suffix(f".{port}.log"), "wb")
     proc = subprocess.Popen([sys.executable, "-m", "lesionpipe.cli", "review", str(out_dir),
                              "--db", str(db), "--port", str(port), "--threads", str(threads)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read().decode()[-2000:]}")
+            text = Path(db).with_suffix(f".{port}.log").read_text(errors="replace")
+            raise RuntimeError(f"server exited: {text[-2000:]}")
         try:
             urllib.request.urlopen(url + "/login", timeout=2).read()
             return proc, url
