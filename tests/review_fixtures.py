@@ -310,3 +310,28 @@ class Client:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def flask_login(app, user: str, pw: str | None = None):
+    """A Flask test client logged in as ``user``; its CSRF token is ``client.csrf``."""
+    import re
+
+    c = app.test_client()
+    page = c.get("/login").text
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+    r = c.post("/login", data={"username": user, "password": pw or password(user),
+                               "csrf_token": token})
+    assert r.status_code == 302, r.text
+    c.csrf = re.search(r'name="csrf_token" value="([^"]+)"', c.get("/").text).group(1)
+    return c
+
+
+def codes_of(db, user: str) -> list[str]:
+    """Assignment codes of one user, in visit order (tests only: the app never shows this)."""
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    rows = con.execute("SELECT a.code FROM assignments a JOIN users u ON u.id = a.user_id "
+                       "WHERE u.username=? ORDER BY a.visit_id", (user,)).fetchall()
+    con.close()
+    return [r[0] for r in rows]

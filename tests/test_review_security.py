@@ -11,8 +11,8 @@ import pytest
 
 from lesionpipe.review.app import create_app
 from lesionpipe.review.store import Store
-from review_fixtures import (Client, make_review_db, password, start_server,
-                             write_review_outputs)
+from review_fixtures import (Client, codes_of, flask_login, make_review_db, password,
+                             start_server, write_review_outputs)
 
 
 @pytest.fixture(scope="module")
@@ -25,23 +25,7 @@ def env(tmp_path_factory):
     return out, db, app, visits
 
 
-def login(app, user, pw=None):
-    c = app.test_client()
-    page = c.get("/login").text
-    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
-    r = c.post("/login", data={"username": user, "password": pw or password(user),
-                               "csrf_token": token})
-    assert r.status_code == 302, r.text
-    c.csrf = re.search(r'name="csrf_token" value="([^"]+)"', c.get("/").text).group(1)
-    return c
-
-
-def codes_of(db, user):
-    con = sqlite3.connect(db)
-    rows = con.execute("SELECT a.code FROM assignments a JOIN users u ON u.id = a.user_id "
-                       "WHERE u.username=? ORDER BY a.visit_id", (user,)).fetchall()
-    con.close()
-    return [r[0] for r in rows]
+login = flask_login
 
 
 def _url(rule, code):

@@ -192,6 +192,14 @@ def _assign(args, store, reviewable) -> None:
     readers = list(dict.fromkeys(args.readers))
     if len(readers) < 2:
         raise AdminError("give at least two readers (each visit is read twice)")
+    # check every name before writing anything
+    for names, role in ((readers, "reader"), (args.adjudicators, "adjudicator")):
+        for name in names:
+            user = store.user_by_name(name)
+            if user is None:
+                raise AdminError(f"no user {name!r}")
+            if user["role"] != role:
+                raise AdminError(f"{name} is a {user['role']}, not a {role}")
     store.add_visits(wanted)
     ids = {(v["participant_id"], v["session_id"]): v["id"] for v in store.visits()}
     rng = secrets.SystemRandom()
