@@ -112,6 +112,50 @@ def _click_voxel(page, out, visit, orig_ijk):
     page.click("#canvas-post", position={"x": x, "y": y})
 
 
+_COUNT_ORANGE = """() => {
+  const c = document.getElementById('canvas-post');
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let n = 0;
+  for (let i = 0; i < d.length; i += 4) if (d[i] === 255 && d[i + 1] === 140 && d[i + 2] === 0) n++;
+  return n;
+}"""
+
+
+def _settle(page, fn, expect, timeout=5.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = page.evaluate(fn)
+        if expect(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+def _viewer_controls(page, out, visit):
+    """Jump to lesion 1, see its outline, hide outlines, scroll and zoom."""
+    files_anat = out / visit.participant_id / visit.session_id / "anat"
+    stem = f"{visit.participant_id}_{visit.session_id}_ce-gadolinium_space-orig"
+    table = pd.read_csv(files_anat / f"{stem}_label-GEL_lesions.tsv", sep="\t")
+    img = nb.load(str(files_anat / f"{stem}_desc-preproc_T1w.nii.gz"))
+    grid = DisplayGrid(img.affine, img.shape)
+    k = int(round(grid.to_display(table.loc[0, ["centroid_i", "centroid_j", "centroid_k"]]
+                                  .to_numpy(float))[2]))
+    label = "() => document.getElementById('slicelabel').textContent"
+    page.click("#nextlesion")
+    assert _settle(page, label, lambda t: t.startswith(f"{k + 1} /")).startswith(f"{k + 1} /")
+    assert "selected" in page.get_attribute("#row-auto-1", "class")
+    assert _settle(page, _COUNT_ORANGE, lambda n: n > 0) > 0      # outline of the selected lesion
+    page.keyboard.press("o")
+    assert _settle(page, _COUNT_ORANGE, lambda n: n == 0) == 0    # outlines hidden
+    page.keyboard.press("o")
+    page.keyboard.press("ArrowUp")
+    assert _settle(page, label, lambda t: t.startswith(f"{k + 2} /")).startswith(f"{k + 2} /")
+    page.keyboard.press("ArrowDown")
+    page.click("#zoomin")
+    page.click("#zoomreset")
+
+
 def test_double_read_adjudicate_export(served, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -128,6 +172,7 @@ def test_double_read_adjudicate_export(served, tmp_path):
         assert page.locator(f"text={codes['ann']}").count() == 1
         assert v.participant_id not in page.content() and "week" not in page.content()
         _open(page, url, codes["ann"])
+        _viewer_controls(page, out, v)
         for key in true_lesions:
             _decide(page, key, "confirm")
         _decide(page, vessel, "reject", "vessel")

@@ -88,7 +88,6 @@ def test_concurrent_readers(tmp_path):
     try:
         threads = [threading.Thread(target=_reader, args=(url, u, N_DECISIONS, acks, errors))
                    for u in users]
-        t0 = time.perf_counter()
         for t in threads:
             t.start()
         # meanwhile another process (this one) writes too, as the admin command would
@@ -100,14 +99,11 @@ def test_concurrent_readers(tmp_path):
             time.sleep(0.5)
         for t in threads:
             t.join()
-        elapsed = time.perf_counter() - t0
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     assert errors == []
     assert len(acks) == N_READERS * N_DECISIONS
-    print(f"\n{len(acks)} decisions by {N_READERS} readers in {elapsed:.1f} s "
-          f"({len(acks) / elapsed:.0f}/s)")
     _check_acks(db, acks)
     store = Store(db)
     assert store.one("SELECT COUNT(*) FROM decisions")[0] == len(acks)
@@ -159,7 +155,6 @@ def test_kill_9_loses_nothing_acknowledged(tmp_path):
     finally:
         proc2.kill()
         proc2.wait()
-    print(f"\nkill -9 after {n_at_kill} acknowledgements ({len(acks)} in total); all present")
 
 
 def test_reload_mid_read_keeps_everything(tmp_path):
@@ -185,3 +180,29 @@ def test_reload_mid_read_keeps_everything(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+if __name__ == "__main__":
+    # Benchmark (not a test): python tests/test_review_load.py  -> decisions per second
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    n_readers = int(sys.argv[1]) if len(sys.argv) > 1 else N_READERS
+    n_decisions = int(sys.argv[2]) if len(sys.argv) > 2 else N_DECISIONS
+    with tempfile.TemporaryDirectory() as tmp:
+        out, db, users = _setup(Path(tmp), n_readers)
+        proc, url = start_server(out, db, threads=8)
+        acks, errors = [], []
+        threads = [threading.Thread(target=_reader, args=(url, u, n_decisions, acks, errors))
+                   for u in users]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t0
+        proc.kill()
+        proc.wait()
+        print(f"{len(acks)} acknowledged decisions ({len(errors)} errors) by {n_readers} readers "
+              f"in {elapsed:.1f} s = {len(acks) / elapsed:.0f} decisions/s (logins included)")

@@ -329,3 +329,42 @@ def test_bad_requests_are_clear(env):
     assert r.status_code == 400
     r = c.post(f"/api/read/{code}/decision", data="not json", headers=h)
     assert r.status_code == 400
+
+
+def test_login_locked_after_repeated_failures(tmp_path):
+    out, db = tmp_path / "out", tmp_path / "review.sqlite"
+    write_review_outputs(out)
+    make_review_db(out, db)
+    app = create_app(out, db)
+    c = app.test_client()
+    token = re.search(r'name="csrf_token" value="([^"]+)"', c.get("/login").text).group(1)
+    for _ in range(5):
+        r = c.post("/login", data={"username": "bob", "password": "guess-guess",
+                                   "csrf_token": token})
+        assert r.status_code == 401
+    r = c.post("/login", data={"username": "bob", "password": password("bob"),
+                               "csrf_token": token})
+    assert r.status_code == 429 and "lp_session" not in r.headers.get("Set-Cookie", "")
+    flask_login(app, "ann")  # other users are not affected
+    actions = [r["action"] for r in Store(db).audit_rows()]
+    assert actions.count("login_failed") == 5 and "login_refused" in actions
+
+
+def test_added_lesion_cannot_double_an_existing_one(env):
+    _, db, app, visits = env
+    from lesionpipe.review.visitdata import VisitData, VisitFiles
+
+    out = env[0]
+    v = visits[1]
+    data = VisitData(VisitFiles(out, v.participant_id, v.session_id))
+    c = login(app, "ann")
+    code = codes_of(db, "ann")[1]
+    h = {"X-CSRF-Token": c.csrf}
+    row = data.lesions.iloc[0]
+    on_auto = data.grid.to_display([row.centroid_i, row.centroid_j, row.centroid_k]).round()
+    r = c.post(f"/api/read/{code}/grow", json={"seed": on_auto.tolist()}, headers=h)
+    assert r.status_code == 422 and "automated lesion 1" in r.json["error"]
+    seed = data.grid.to_display(v.missed_seed).round().tolist()
+    assert c.post(f"/api/read/{code}/add", json={"seed": seed}, headers=h).status_code == 200
+    r = c.post(f"/api/read/{code}/add", json={"seed": seed}, headers=h)
+    assert r.status_code == 422 and "already been added" in r.json["error"]

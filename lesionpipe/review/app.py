@@ -12,11 +12,9 @@ import gzip
 import hmac
 import logging
 import secrets
-from functools import wraps
 from pathlib import Path
 
-from flask import (Flask, Response, abort, g, jsonify, redirect, render_template, request,
-                   url_for)
+from flask import Flask, Response, g, jsonify, redirect, render_template, request, url_for
 from werkzeug.exceptions import HTTPException
 
 from lesionpipe import __version__
@@ -32,6 +30,9 @@ LOGIN_CSRF_COOKIE = "lp_login_csrf"
 PUBLIC_ENDPOINTS = {"login_form", "login_post"}
 #: static files the login page needs (no data, no code)
 PUBLIC_STATIC = {"app.css"}
+#: failed logins of one user name before it is locked for LOGIN_LOCK_MINUTES
+LOGIN_MAX_FAILURES = 5
+LOGIN_LOCK_MINUTES = 15
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
        "frame-ancestors 'none'")
@@ -116,14 +117,6 @@ def create_app(output_dir: str | Path, db_path: str | Path, settings: ReviewSett
             raise ReviewError("expected a JSON object")
         return body
 
-    def role_page(f):
-        @wraps(f)
-        def wrapper(*a, **kw):
-            if g.user is None:
-                abort(401)
-            return f(*a, **kw)
-        return wrapper
-
     # --- login ------------------------------------------------------------------------------
     def login_page(error: str = "", status: int = 200):
         # keep an existing token: parallel GETs (favicon...) must not invalidate the open form
@@ -146,10 +139,15 @@ def create_app(output_dir: str | Path, db_path: str | Path, settings: ReviewSett
         sent = request.form.get("csrf_token", "")
         if not cookie or not sent or not hmac.compare_digest(cookie, sent):
             return login_page("The login form expired; please try again.", 403)
-        username = request.form.get("username", "").strip()
+        username = request.form.get("username", "").strip()[:64]
+        if store.recent_login_failures(username, minutes=LOGIN_LOCK_MINUTES) >= LOGIN_MAX_FAILURES:
+            store.audit_event(user=None, action="login_refused", target=username,
+                              reason="too many failed attempts")
+            return login_page(f"Too many failed attempts; try again in {LOGIN_LOCK_MINUTES} "
+                              "minutes.", 429)
         user = store.verify_password(username, request.form.get("password", ""))
         if user is None:
-            store.audit_event(user=None, action="login_failed", target=username[:64])
+            store.audit_event(user=None, action="login_failed", target=username)
             return login_page("Wrong user name or password.", 401)
         token, _ = store.create_session(user)
         resp = redirect(url_for("worklist"))
@@ -167,13 +165,11 @@ def create_app(output_dir: str | Path, db_path: str | Path, settings: ReviewSett
 
     # --- pages -----------------------------------------------------------------------------
     @app.get("/")
-    @role_page
     def worklist():
         return render_template("worklist.html", user=g.user, csrf=g.csrf,
                                items=service.worklist(g.user), version=__version__)
 
     @app.get("/read/<code>")
-    @role_page
     def read_page(code: str):
         a = service.assignment_for(g.user, code)
         return render_template("read.html", user=g.user, csrf=g.csrf, code=a["code"],

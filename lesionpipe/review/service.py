@@ -191,6 +191,18 @@ class ReviewService:
         if len(vox) == 0:
             raise ReviewError("nothing enhances enough at this point; click on the enhancing "
                               "spot", 422)
+        label = int(data.dseg[tuple(vox[0])])
+        if label:
+            raise ReviewError(f"this is automated lesion {label}: confirm or reject it in the "
+                              "table", 422)
+        # a lesion is counted once: leave out voxels of automated and already added lesions
+        taken = data.dseg[tuple(vox.T)] > 0
+        known = self._added_voxels(assignment)
+        if known:
+            taken |= np.array([tuple(v) in known for v in vox.tolist()])
+        vox = vox[~taken]
+        if len(vox) == 0:
+            raise ReviewError("this region has already been added", 422)
         if data.brain is not None:
             vox = vox[data.brain[tuple(vox.T)]]
             if len(vox) == 0:
@@ -201,6 +213,22 @@ class ReviewService:
                 "volume_mm3": round(len(vox) * data.voxel_volume, 2),
                 "display_voxels": np.round(data.grid.to_display(vox)).astype(int).tolist(),
                 "display_centroid": data.grid.to_display(centroid).round(2).tolist()}
+
+    def _added_voxels(self, assignment) -> set[tuple[int, int, int]]:
+        """Voxels of the added lesions this user sees as confirmed (own; readers' for an
+        adjudicator)."""
+        ids = [assignment["id"]]
+        if assignment["kind"] == "adjudication":
+            ids += [a["id"] for a in self.store.assignments_for_visit(assignment["visit_id"])
+                    if a["kind"] == "read"]
+        out: set[tuple[int, int, int]] = set()
+        for aid in ids:
+            latest = self.latest(aid)
+            for row in self.store.added_lesions(aid):
+                d = latest.get(f"added:{row['id']}")
+                if d and d["decision"] == "confirm":
+                    out.update(tuple(v) for v in json.loads(row["voxels"]))
+        return out
 
     def add_lesion(self, user, assignment, payload: dict) -> dict:
         region = self.grow(assignment, payload.get("seed") or [])

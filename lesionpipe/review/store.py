@@ -420,6 +420,15 @@ class Store:
             return None
         return row
 
+    def recent_login_failures(self, username: str, *, minutes: float) -> int:
+        """Failed logins for a user name in the last ``minutes`` since their last success."""
+        since = datetime.fromtimestamp(time.time() - 60 * minutes, timezone.utc).strftime(
+            "%Y-%m-%dT%H:%M:%S.%fZ")
+        last_ok = self.one("SELECT MAX(id) FROM audit WHERE action='login' AND username=?",
+                           (username,))[0] or 0
+        return self.one("SELECT COUNT(*) FROM audit WHERE action='login_failed' AND target=? "
+                        "AND utc >= ? AND id > ?", (username, since, last_ok))[0]
+
     # --- sessions ----------------------------------------------------------------------------
     def create_session(self, user: sqlite3.Row) -> tuple[str, str]:
         token = secrets.token_urlsafe(32)
