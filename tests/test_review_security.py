@@ -368,3 +368,19 @@ def test_added_lesion_cannot_double_an_existing_one(env):
     assert c.post(f"/api/read/{code}/add", json={"seed": seed}, headers=h).status_code == 200
     r = c.post(f"/api/read/{code}/add", json={"seed": seed}, headers=h)
     assert r.status_code == 422 and "already been added" in r.json["error"]
+
+
+def test_broken_outputs_do_not_leak_identities(tmp_path):
+    out, db = tmp_path / "out", tmp_path / "review.sqlite"
+    visits = write_review_outputs(out)
+    make_review_db(out, db)
+    assert (db.stat().st_mode & 0o777) == 0o600
+    v = visits[0]
+    (out / v.participant_id / v.session_id / "anat" /
+     f"{v.participant_id}_{v.session_id}_ce-gadolinium_space-orig_desc-enhancement_map.nii.gz"
+     ).write_bytes(b"not a nifti")
+    app = create_app(out, db)
+    c = login(app, "ann")
+    r = c.get(f"/api/read/{codes_of(db, 'ann')[0]}/meta")
+    assert r.status_code == 500 and "reference" in r.json["error"]
+    assert v.participant_id not in r.text and v.session_id not in r.text

@@ -104,12 +104,21 @@ def create_app(output_dir: str | Path, db_path: str | Path, settings: ReviewSett
 
     @app.errorhandler(OutputError)
     def output_error(exc: OutputError):
-        LOG.error("output problem: %s", exc)
-        return fail(f"the pipeline outputs of this visit cannot be read: {exc}", 500)
+        # the message names files (participant and session): log it, never send it to a reader
+        ref = secrets.token_hex(4)
+        LOG.error("[%s] pipeline outputs cannot be read: %s", ref, exc)
+        return fail(f"the pipeline outputs of this visit cannot be read; tell the imaging team "
+                    f"(reference {ref})", 500)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         return fail(exc.description or exc.name, exc.code or 500)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        ref = secrets.token_hex(4)
+        LOG.exception("[%s] unexpected error on %s %s", ref, request.method, request.path)
+        return fail(f"internal error (reference {ref})", 500)
 
     def json_body() -> dict:
         body = request.get_json(silent=True)

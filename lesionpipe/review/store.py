@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -216,6 +217,10 @@ class Store:
         self._hasher = PasswordHasher()
         self._dummy_hash = self._hasher.hash(secrets.token_hex(16))
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            # readers' signatures and password hashes: owner-only (SQLite copies the mode to
+            # its -wal and -shm files)
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         conn = self.conn
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode.lower() != "wal":

@@ -213,7 +213,11 @@
   }
 
   function setSlice(k) { view.k = Math.max(0, Math.min(nz - 1, Math.round(k))); draw(); }
-  function setZoom(z) { view.zoom = Math.max(1, Math.min(16, z)); draw(); }
+  function setZoom(z) {
+    view.zoom = Math.max(1, Math.min(16, z));
+    if (view.zoom === 1) { view.cx = nx / 2; view.cy = ny / 2; }   // whole slice in view
+    draw();
+  }
 
   function attachMouse(p) {
     let drag = null;
