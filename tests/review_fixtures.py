@@ -258,7 +258,8 @@ class Client:
                 data = resp.read()
                 break
             except (http.client.HTTPException, ConnectionError):
-                if attempt:
+                # only a GET may be repeated: a POST might have been stored already
+                if attempt or method != "GET":
                     raise
                 self.conn.close()
                 self.conn = http.client.HTTPConnection(self.host, self.port, timeout=60)

@@ -121,8 +121,13 @@ def serve_cli(args, settings) -> int:
         return 2
     print(f"lesionpipe review: serving {args.output_dir} on http://{args.host}:{args.port}/",
           flush=True)
-    serve(app, host=args.host, port=args.port, threads=args.threads, ident="lesionpipe-review",
-          channel_timeout=120)
+    try:
+        serve(app, host=args.host, port=args.port, threads=args.threads,
+              ident="lesionpipe-review", channel_timeout=120)
+    except OSError as exc:
+        print(f"lesionpipe review: error: cannot listen on {args.host}:{args.port}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 2
     return 0
 
 
