@@ -306,3 +306,22 @@ def test_bad_output_dir(tmp_path):
     nb.save(nb.Nifti1Image(np.asarray(img.dataobj)[:, :, :20], img.affine), str(files.enhancement))
     with pytest.raises(OutputError, match="enhancement map is not on the post-contrast grid"):
         VisitData(files)
+
+
+def test_single_reading_mode(tmp_path, monkeypatch):
+    out, db = tmp_path / "out", tmp_path / "review.sqlite"
+    visits = write_review_outputs(out)
+    toml = tmp_path / "s.toml"
+    toml.write_text("[review]\nreaders_per_visit = 1\n")
+    assert _admin(db, "--settings", str(toml), "add-user", "solo", "--role", "reader",
+                  "--name", "Dr Solo", "--password-stdin", stdin=password("solo") + "\n",
+                  monkeypatch=monkeypatch) == 0
+    assert _admin(db, "assign", str(out), "--readers", "solo") == 0
+    app = create_app(out, db, ReviewSettings(readers_per_visit=1))
+    _read_all(app, db, "solo", 0, reject=(visits[0].vessel_id,))
+    export = tmp_path / "export"
+    assert main(["review-export", str(out), "--db", str(db), "--out", str(export)]) == 0
+    df = pd.read_csv(export / "gel_counts_reviewed.tsv", sep="\t", na_values=["n/a"])
+    row = df[df.participant_id.eq(visits[0].participant_id)
+             & df.session_id.eq(visits[0].session_id)].iloc[0]
+    assert row.read_status == "single_read" and row.gel_count == len(visits[0].lesions) - 1

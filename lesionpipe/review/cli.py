@@ -42,6 +42,9 @@ def add_review_parsers(sub) -> None:
                        description="Manage the review database: users, assignments, status and "
                                    "verification of the audit chain.")
     a.add_argument("--db", type=Path, required=True, help="review database")
+    a.add_argument("--settings", default=None, metavar="FILE.toml",
+                   help="settings TOML whose [review] section this database uses (recorded on "
+                        "first use; a different one later is refused)")
     cmds = a.add_subparsers(dest="admin_command", metavar="ACTION", required=True)
     u = cmds.add_parser("add-user", help="create a reader or adjudicator")
     u.add_argument("username")
@@ -59,8 +62,8 @@ def add_review_parsers(sub) -> None:
     asg = cmds.add_parser("assign", help="give visits to readers (two per visit) and adjudicators")
     asg.add_argument("output_dir", type=Path)
     asg.add_argument("--readers", nargs="+", required=True, metavar="USER",
-                     help="two readers read every visit; with more, each visit gets two of them, "
-                          "balanced at random")
+                     help="with two readers both read every visit; with more, each visit gets "
+                          "two of them, balanced at random (review.readers_per_visit)")
     asg.add_argument("--adjudicators", nargs="*", default=[], metavar="USER",
                      help="adjudicators, spread over the visits")
     asg.add_argument("--visits", nargs="*", default=None, metavar="sub-X/ses-Y",
@@ -112,10 +115,11 @@ def serve_cli(args, settings) -> int:
             LOG.warning("listening on %s: other machines can reach the review app; serve it "
                         "over HTTPS (reverse proxy) and use --secure-cookies", args.host)
         store = Store(args.db)
-        _settings_for_db(store, settings.review)
+        # without --settings: the settings recorded in the database (or the defaults, recorded)
+        review = _settings_for_db(store, settings.review if args.settings else None)
+        review = _settings_for_db(store, review)
         store.close()
-        app = create_app(args.output_dir, args.db, settings.review,
-                         secure_cookies=args.secure_cookies)
+        app = create_app(args.output_dir, args.db, review, secure_cookies=args.secure_cookies)
     except (OutputError, AdminError) as exc:
         print(f"lesionpipe review: error: {exc}", file=sys.stderr)
         return 2
@@ -144,10 +148,14 @@ def admin_cli(args) -> int:
     from lesionpipe.review.store import ReviewError, Store
     from lesionpipe.review.visitdata import OutputError
 
+    from lesionpipe.settings import Settings
+
     try:
         store = Store(args.db)
+        if args.settings:
+            _settings_for_db(store, Settings.from_toml(args.settings).review)
         return _admin(args, store)
-    except (ReviewError, OutputError, AdminError) as exc:
+    except (ReviewError, OutputError, AdminError, ValueError) as exc:
         print(f"lesionpipe review-admin: error: {exc}", file=sys.stderr)
         return 2
 
@@ -194,9 +202,11 @@ def _assign(args, store, reviewable) -> None:
             raise AdminError(f"not a finished visit of {args.output_dir}: "
                              f"{', '.join('/'.join(b) for b in sorted(bad))}")
         wanted = [v for v in reviewable if v in sel]
+    per_visit = _settings_for_db(store, None).readers_per_visit
     readers = list(dict.fromkeys(args.readers))
-    if len(readers) < 2:
-        raise AdminError("give at least two readers (each visit is read twice)")
+    if len(readers) < per_visit:
+        raise AdminError(f"give at least {per_visit} readers (each visit is read {per_visit} "
+                         f"time(s), review.readers_per_visit)")
     # check every name before writing anything
     for names, role in ((readers, "reader"), (args.adjudicators, "adjudicator")):
         for name in names:
@@ -215,7 +225,7 @@ def _assign(args, store, reviewable) -> None:
         vid = ids[key]
         have = [store.user(a["user_id"])["username"] for a in store.assignments_for_visit(vid)
                 if a["kind"] == "read"]
-        need = 2 - len(have)
+        need = per_visit - len(have)
         pool = [r for r in readers if r not in have]
         rng.shuffle(pool)
         pool.sort(key=lambda r: load[r])

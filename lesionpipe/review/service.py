@@ -85,7 +85,8 @@ class ReviewService:
         return self.light(visit_id)[0]
 
     def visit_status(self, visit_id: int, conn=None) -> dict[str, Any]:
-        """status: unassigned | reading | agreed | needs_adjudication | adjudicated."""
+        """status: unassigned | reading | agreed | needs_adjudication | adjudicated, or
+        single_read when ``readers_per_visit`` is 1."""
         conn = conn or self.store.conn
         rows = conn.execute("SELECT * FROM assignments WHERE visit_id=?", (visit_id,)).fetchall()
         reads = sorted((r for r in rows if r["kind"] == "read"), key=lambda r: r["slot"])
@@ -103,7 +104,9 @@ class ReviewService:
         comp = compare_reads(ids, s1, s2, affine=affine, rule=self.settings.disagreement_rule,
                              match_distance_mm=self.settings.match_distance_mm)
         out["comparison"] = comp
-        if not comp.disagree:
+        if len(reads) == 1:
+            out["status"] = "single_read"
+        elif not comp.disagree:
             out["status"] = "agreed"
         elif adj is not None and self.store.is_signed(adj["id"], conn):
             out["status"] = "adjudicated"
@@ -430,7 +433,7 @@ class ReviewService:
         """Final status and confirmed lesions of a visit, with voxels on the original grid."""
         st = self.visit_status(visit_id)
         out = {"status": st["status"], "lesions": None}
-        if st["status"] not in ("agreed", "adjudicated"):
+        if st["status"] not in ("agreed", "adjudicated", "single_read"):
             return out
         comp = st["comparison"]
         adj = st["adjudication"]

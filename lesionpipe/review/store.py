@@ -519,6 +519,7 @@ class Store:
                 free = [s for s in (1, 2) if s not in taken]
                 if not free:
                     raise ReviewError(f"visit {visit_id} already has two readers")
+                # slot 1 first: a single-reader review has its read in slot 1
                 slot = free[0]
             else:
                 if taken:
