@@ -325,3 +325,37 @@ def test_single_reading_mode(tmp_path, monkeypatch):
     row = df[df.participant_id.eq(visits[0].participant_id)
              & df.session_id.eq(visits[0].session_id)].iloc[0]
     assert row.read_status == "single_read" and row.gel_count == len(visits[0].lesions) - 1
+
+
+def test_count_rule_and_correction_reopens_comparison(tmp_path):
+    out, db = tmp_path / "out", tmp_path / "review.sqlite"
+    visits = write_review_outputs(out)
+    make_review_db(out, db)
+    app = create_app(out, db, ReviewSettings(disagreement_rule="count"))
+    v = visits[0]
+    first_true = next(k for k, kind in v.lesions.items() if kind == "lesion")
+    # same count (one rejection each), different lesions: agreed under the count rule
+    _read_all(app, db, "ann", 0, reject=(v.vessel_id,))
+    bob, bob_code = _read_all(app, db, "bob", 0, reject=(first_true,))
+    service = app.extensions["lesionpipe_review"]
+    vid = Store(db).visits()[0]["id"]
+    assert service.visit_status(vid)["status"] == "agreed"
+    final = service.final_read(vid)
+    assert sorted(l["key"] for l in final["lesions"]) == sorted(
+        f"auto:{k}" for k in v.lesions if k != v.vessel_id)          # Reader 1's set
+    # Bob corrects his read: the visit waits for his new signature, then needs adjudication
+    h = {"X-CSRF-Token": bob.csrf}
+    r = bob.post(f"/api/read/{bob_code}/decision", json={
+        "lesion": f"auto:{first_true}", "decision": "confirm",
+        "correction_reason": "second look: enhancing"}, headers=h)
+    assert r.status_code == 200
+    assert service.visit_status(vid)["status"] == "reading"
+    cat = flask_login(app, "cat")
+    cat_code = codes_of(db, "cat")[0]
+    assert cat.get(f"/api/read/{cat_code}/state").status_code == 409
+    assert bob.post(f"/api/read/{bob_code}/sign", json={"password": password("bob")},
+                    headers=h).status_code == 200
+    assert service.visit_status(vid)["status"] == "needs_adjudication"
+    state = cat.get(f"/api/read/{cat_code}/state").json
+    assert state["reader_counts"] == [len(v.lesions) - 1, len(v.lesions)]
+    assert state["unresolved"] == [f"auto:{v.vessel_id}"]
