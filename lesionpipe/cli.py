@@ -307,24 +307,12 @@ def _cmd_import_dicom(args) -> int:
 # review, review-admin, review-export  (lesionpipe.review)
 # ============================================================================================
 def _add_review(sub) -> None:
-    p = sub.add_parser("review", help="serve the central-reader review application")
-    p.add_argument("output_dir", type=Path)
-    p.add_argument("--db", type=Path, required=True)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--settings", default=None, metavar="FILE.toml")
-    p.set_defaults(func=_cmd_review)
+    from lesionpipe.review.cli import add_review_parsers
 
-    a = sub.add_parser("review-admin", help="readers, assignments, audit verification")
-    a.add_argument("--db", type=Path, required=True)
-    a.add_argument("admin_args", nargs=argparse.REMAINDER)
-    a.set_defaults(func=_cmd_review_admin)
-
-    e = sub.add_parser("review-export", help="write reviewed counts, masks and the audit trail")
-    e.add_argument("output_dir", type=Path)
-    e.add_argument("--db", type=Path, required=True)
-    e.add_argument("--out", type=Path, default=None)
-    e.set_defaults(func=_cmd_review_export)
+    add_review_parsers(sub)
+    sub.choices["review"].set_defaults(func=_cmd_review)
+    sub.choices["review-admin"].set_defaults(func=_cmd_review_admin)
+    sub.choices["review-export"].set_defaults(func=_cmd_review_export)
 
 
 def _cmd_review(args) -> int:

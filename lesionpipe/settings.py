@@ -55,7 +55,28 @@ class ReviewSettings:
     readers_per_visit: int = 2
     #: centroid distance (mm) within which two readers' added lesions are the same lesion
     match_distance_mm: float = 3.0
+    #: idle time after which a reader must log in again
     session_timeout_minutes: int = 240
+    #: add-missed-lesion region growing on the enhancement map: voxels join above this fraction
+    #: of the (snapped) seed's enhancement ...
+    grow_fraction: float = 0.5
+    #: ... and above this absolute enhancement (% over normal white matter) ...
+    grow_min_enhancement_pct: float = 10.0
+    #: ... within this distance of the seed (mm) ...
+    grow_radius_mm: float = 10.0
+    #: ... up to this many voxels
+    grow_max_voxels: int = 2000
+
+    def __post_init__(self) -> None:
+        if self.disagreement_rule not in ("lesions", "count"):
+            raise ValueError("review.disagreement_rule must be 'lesions' or 'count', "
+                             f"not {self.disagreement_rule!r}")
+        if self.readers_per_visit not in (1, 2):
+            raise ValueError("review.readers_per_visit must be 1 or 2")
+        if not 0 < self.grow_fraction <= 1:
+            raise ValueError("review.grow_fraction must be in (0, 1]")
+        if self.grow_max_voxels < 1 or self.grow_radius_mm <= 0:
+            raise ValueError("review.grow_max_voxels and grow_radius_mm must be positive")
 
 
 @dataclass(frozen=True)
