@@ -36,6 +36,7 @@ class Detection:
     enhancement: np.ndarray            # enhancement map, % of NAWM
     candidates: pd.DataFrame           # every candidate with its features and the decision
     noise_sigma: float                 # robust SD of the (smoothed) enhancement map in WM
+    candidate_labels: np.ndarray | None = None  # value k = row k-1 of ``candidates``
     thresholds: dict = field(default_factory=dict)
 
 
@@ -104,31 +105,40 @@ def detect_lesions(post_n: np.ndarray, zooms, brain: np.ndarray, settings: Setti
 
     ref = pre_n if pre_n is not None else post_n
     depth = ndi.distance_transform_edt(brain, sampling=zooms)
-    outside_shell_ok = brain
     csf = (ref < csf_level) & brain
     ventricles = _ventricles(csf, depth, zooms)
     vox_vol = float(np.prod(zooms))
 
     rows = []
     accepted: list[np.ndarray] = []
-    objects = ndi.find_objects(lab)
+    cand_labels = np.zeros(lab.shape, np.int32)
     pad = np.ceil(3.0 / zooms).astype(int) + 1
-    for idx, sl in enumerate(objects, start=1):
-        if sl is None:
+    for idx, box in enumerate(ndi.find_objects(lab), start=1):
+        if box is None:
             continue
-        sl = tuple(slice(max(0, s.start - p), min(dim, s.stop + p))
-                   for s, p, dim in zip(sl, pad, lab.shape))
-        comp = lab[sl] == idx
-        pieces = ((piece, how) for region in _peel(comp, enh_s[sl], lo=lo, hi=hi, conn=conn)
+        comp_sl = _grow_box(box, pad, lab.shape)
+        comp = lab[comp_sl] == idx
+        pieces = ((piece, how) for region in _peel(comp, enh_s[comp_sl], lo=lo, hi=hi, conn=conn)
                   for piece, how in _split_tubes(region, zooms, settings))
         for piece, how in pieces:
-            feats = _features(piece, sl, enh, depth, csf, ventricles, outside_shell_ok, ref,
-                              zooms, vox_vol)
+            # work in the piece's own box: a lesion peeled off a long vessel is small
+            coords = np.argwhere(piece) + np.array([x.start for x in comp_sl])
+            lo_c = np.maximum(coords.min(axis=0) - pad, 0)
+            hi_c = np.minimum(coords.max(axis=0) + pad + 1, lab.shape)
+            sl = tuple(slice(int(a), int(b)) for a, b in zip(lo_c, hi_c))
+            piece = np.zeros(tuple(hi_c - lo_c), bool)
+            piece[tuple((coords - lo_c).T)] = True
+            feats = _cheap_features(piece, sl, enh, depth, zooms, vox_vol)
+            reason = _cheap_reject(feats, settings)
+            if not reason:
+                feats.update(_shape_context_features(piece, sl, enh, csf, ventricles, brain, ref,
+                                                     zooms))
+                reason = _reject_reason(feats, settings)
             feats["split"] = how
-            reason = _reject_reason(feats, settings)
             feats["decision"] = "accept" if not reason else "reject"
             feats["reason"] = reason
             rows.append(feats)
+            cand_labels[sl][piece & (cand_labels[sl] == 0)] = len(rows)
             if not reason:
                 full = np.zeros(lab.shape, bool)
                 full[sl] = piece
@@ -143,6 +153,7 @@ def detect_lesions(post_n: np.ndarray, zooms, brain: np.ndarray, settings: Setti
     labels = _relabel_connected(labels, conn)
     table = pd.DataFrame(rows)
     return Detection(labels=labels, enhancement=enh, candidates=table, noise_sigma=sigma,
+                     candidate_labels=cand_labels,
                      thresholds={"high_pct": hi, "low_pct": lo, "sigma_pct": sigma})
 
 
@@ -207,31 +218,58 @@ def _split_tubes(comp: np.ndarray, zooms, settings: Settings):
         yield piece, "opened"
 
 
-def _features(piece, sl, enh, depth, csf, ventricles, brain, ref, zooms, vox_vol) -> dict:
+def _grow_box(box, pad, shape):
+    return tuple(slice(max(0, s.start - p), min(dim, s.stop + p))
+                 for s, p, dim in zip(box, pad, shape))
+
+
+def _cheap_features(piece, sl, enh, depth, zooms, vox_vol) -> dict:
+    """Size, brightness and position: enough to drop most candidates before shape analysis."""
     coords = np.argwhere(piece)
     n = len(coords)
     e = enh[sl][piece]
-    axes = principal_axes_mm(coords, zooms)
     centroid = coords.mean(axis=0) + np.array([s.start for s in sl])
     ci = tuple(int(round(c)) for c in centroid)
-    thick, tub = thickness_tubularity(piece, zooms)
-    shell = dilate(piece, 2.0, zooms) & ~piece
-    shell_n = max(int(shell.sum()), 1)
-    shell_ref = ref[sl][shell]
-    shell_enh = enh[sl][shell]
     return {
         "n_voxels": n,
         "volume_mm3": n * vox_vol,
         "centroid_i": centroid[0], "centroid_j": centroid[1], "centroid_k": centroid[2],
         "peak_pct": float(np.percentile(e, 90)) if n else 0.0,
         "mean_pct": float(e.mean()) if n else 0.0,
+        "depth_mm": float(depth[ci]),
+        "max_depth_mm": float(depth[sl][piece].max()),
+    }
+
+
+def _cheap_reject(f: dict, s: Settings) -> str:
+    if f["n_voxels"] < s.min_voxels or f["volume_mm3"] < s.min_volume_mm3:
+        return "too small"
+    if f["volume_mm3"] > s.max_volume_mm3:
+        return "implausibly large (global enhancement or misregistration)"
+    if f["peak_pct"] < s.min_peak_enhancement_pct:
+        return "faint"
+    if f["max_depth_mm"] < s.surface_margin_mm:
+        return "brain surface (dura/sinus/meninges)"
+    return ""
+
+
+def _shape_context_features(piece, sl, enh, csf, ventricles, brain, ref, zooms) -> dict:
+    """Shape (principal axes, inscribed ball) and surroundings (2 mm shell) of a candidate."""
+    coords = np.argwhere(piece)
+    n = len(coords)
+    e = enh[sl][piece]
+    axes = principal_axes_mm(coords, zooms)
+    thick, tub = thickness_tubularity(piece, zooms)
+    shell = ndi.binary_dilation(piece, structure=ball(2.0, zooms)) & ~piece
+    shell_n = max(int(shell.sum()), 1)
+    shell_ref = ref[sl][shell]
+    shell_enh = enh[sl][shell]
+    return {
         "elongation": float(axes[0] / max(axes[1], 1e-6)),
         "flatness": float(axes[1] / max(axes[2], 1e-6)),
         "length_mm": float(4 * axes[0]),
         "thickness_mm": thick,
         "tubularity": tub,
-        "depth_mm": float(depth[ci]),
-        "max_depth_mm": float(depth[sl][piece].max()),
         "shell_csf": float((csf[sl] & shell).sum() / shell_n),
         "shell_outside": float((~brain[sl] & shell).sum() / shell_n),
         "ventricle_frac": float((ventricles[sl] & piece).sum() / max(n, 1)),
@@ -285,15 +323,9 @@ def _fill_2d(mask: np.ndarray, axis: int) -> np.ndarray:
 
 
 def _reject_reason(f: dict, s: Settings) -> str:
-    if f["n_voxels"] < s.min_voxels or f["volume_mm3"] < s.min_volume_mm3:
-        return "too small"
-    if f["volume_mm3"] > s.max_volume_mm3:
-        return "implausibly large (global enhancement or misregistration)"
-    if f["peak_pct"] < s.min_peak_enhancement_pct:
-        return "faint"
     if f["local_contrast_pct"] < s.min_local_contrast_pct:
         return "no edge (diffuse signal change)"
-    if f["max_depth_mm"] < s.surface_margin_mm or f["shell_outside"] > 0.3:
+    if f["shell_outside"] > 0.3:
         return "brain surface (dura/sinus/meninges)"
     if f["ventricle_frac"] > s.max_ventricle_overlap or f["shell_csf"] > 0.5:
         return "CSF space (choroid plexus / cisternal vessel)"
