@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, special, stats
 
-#: theta above this is reported as "no overdispersion" (alpha = 0 within numerical precision)
+#: theta above THETA_MAX / 10 is reported as "no overdispersion" (alpha = 0)
 THETA_MAX = 1e8
 
 
@@ -97,6 +97,8 @@ def theta_ml(y: np.ndarray, mu: np.ndarray) -> tuple[float, float]:
             theta = new
             break
         theta = new
+    if theta > THETA_MAX / 10:
+        return math.inf, math.nan
     _, info = _theta_score_info(y, mu, theta)
     se = 1 / math.sqrt(info) if info > 0 else math.nan
     return theta, se
@@ -124,8 +126,9 @@ def _irls(y, X, offset, theta, beta0=None, tol=1e-12, maxiter=100):
         beta_new, *_ = np.linalg.lstsq(X * sw[:, None], z * sw, rcond=None)
         mu_new = np.exp(np.clip(X @ beta_new + offset, -700, 700))
         dev = -2 * nb2_loglik(y, mu_new, theta if np.isfinite(theta) else 1e13)
+        change = float(np.max(np.abs(beta_new - beta)))
         beta = beta_new
-        if abs(dev - dev_old) <= tol * (abs(dev) + 0.1):
+        if abs(dev - dev_old) <= tol * (abs(dev) + 0.1) and change < 1e-9:
             break
         dev_old = dev
     eta = X @ beta + offset
@@ -324,48 +327,79 @@ def _nb_terms(y, eta, theta):
 def mixed_loglik(beta, log_alpha, log_sigma, y, X, offset, group, n_groups, n_quad=15):
     """Marginal log-likelihood of the NB2 random-intercept model by adaptive Gauss-Hermite
     quadrature around each group's mode (``n_quad = 1`` is the Laplace approximation)."""
+    return _mixed(beta, log_alpha, log_sigma, y, X, offset, group, n_groups, n_quad)[0]
+
+
+def _mixed(beta, log_alpha, log_sigma, y, X, offset, group, n_groups, n_quad, grad=False):
+    """Log-likelihood and (optionally) its gradient in (beta, log alpha, log sigma).
+
+    The gradient holds the quadrature nodes fixed at their adaptive positions: the integral does
+    not depend on where the nodes sit, so this is the derivative of the integral up to the
+    quadrature error.
+    """
     theta = math.exp(-log_alpha)
     sigma = math.exp(log_sigma)
     eta0 = X @ beta + offset
     b = np.zeros(n_groups)
-    for _ in range(50):
+    for _ in range(100):  # Newton on a concave function, steps capped for robustness
         _, d1, d2 = _nb_terms(y, eta0 + b[group], theta)
         g = np.bincount(group, d1, n_groups) - b / sigma ** 2
         h = np.bincount(group, d2, n_groups) - 1 / sigma ** 2
-        step = g / h
+        step = np.clip(g / h, -1.0, 1.0)
         b = b - step
-        if np.max(np.abs(step)) < 1e-10:
+        if np.max(np.abs(step)) < 1e-11:
             break
     _, _, d2 = _nb_terms(y, eta0 + b[group], theta)
     h = np.bincount(group, d2, n_groups) - 1 / sigma ** 2
     s = 1 / np.sqrt(-h)
     x, w = np.polynomial.hermite.hermgauss(n_quad)
     total = np.empty((n_quad, n_groups))
+    nodes = []
     for k in range(n_quad):
         bk = b + math.sqrt(2) * s * x[k]
+        nodes.append(bk)
         ll, _, _ = _nb_terms(y, eta0 + bk[group], theta)
         total[k] = (np.bincount(group, ll, n_groups) - 0.5 * bk ** 2 / sigma ** 2
                     + math.log(w[k]) + x[k] ** 2)
     log_int = special.logsumexp(total, axis=0) + np.log(math.sqrt(2) * s)
-    return float(np.sum(log_int - 0.5 * math.log(2 * math.pi) - log_sigma))
+    value = float(np.sum(log_int - 0.5 * math.log(2 * math.pi) - log_sigma))
+    if not grad:
+        return value, None
+    post = np.exp(total - special.logsumexp(total, axis=0))  # node weights per group
+    p = X.shape[1]
+    gr = np.zeros(p + 2)
+    for k in range(n_quad):
+        bk = nodes[k]
+        eta = eta0 + bk[group]
+        mu = np.exp(np.clip(eta, -700, 700))
+        share = theta / (mu + theta)
+        d1 = (y - mu) * share
+        dtheta = (special.digamma(theta + y) - special.digamma(theta) + np.log(share) + 1
+                  - (y + theta) / (mu + theta))
+        wk = post[k][group]
+        gr[:p] += X.T @ (wk * d1)
+        gr[p] += np.sum(wk * dtheta) * (-theta)
+        gr[p + 1] += np.sum(post[k] * (bk ** 2 / sigma ** 2))
+    gr[p + 1] -= n_groups
+    return value, gr
 
 
-def _num_hessian(f, x, h=1e-4):
+def _hessian_from_gradient(grad, x, h=1e-5):
+    """Symmetrised central-difference Jacobian of ``grad`` at ``x``."""
     n = len(x)
     H = np.empty((n, n))
     for i in range(n):
-        for j in range(i, n):
-            ei = np.zeros(n); ei[i] = h
-            ej = np.zeros(n); ej[j] = h
-            v = (f(x + ei + ej) - f(x + ei - ej) - f(x - ei + ej) + f(x - ei - ej)) / (4 * h * h)
-            H[i, j] = H[j, i] = v
-    return H
+        e = np.zeros(n)
+        e[i] = h
+        H[:, i] = (grad(x + e) - grad(x - e)) / (2 * h)
+    return (H + H.T) / 2
 
 
 def fit_nb_mixed(y, X, group, offset=None, names=None, *, n_quad: int = 15) -> MixedFit:
     """NB2 GLMM with a normal random intercept per ``group``, by maximum likelihood.
 
-    Standard errors come from the numerical Hessian of the marginal log-likelihood.
+    Standard errors come from the Hessian of the marginal log-likelihood (central differences
+    of its gradient).
     """
     X, names = _as_design(X, names)
     y = np.asarray(y, float)
@@ -382,35 +416,48 @@ def fit_nb_mixed(y, X, group, offset=None, names=None, *, n_quad: int = 15) -> M
     def negll(v):
         v = np.asarray(v, float)
         with np.errstate(all="ignore"):
-            ll = mixed_loglik(v[:p], v[p], v[p + 1], y, X, offset, codes, n_groups, n_quad)
+            ll, _ = _mixed(v[:p], v[p], v[p + 1], y, X, offset, codes, n_groups, n_quad)
         return -ll if math.isfinite(ll) else 1e300
 
-    res = optimize.minimize(negll, x0, method="L-BFGS-B", bounds=bounds,
-                            options={"ftol": 1e-13, "gtol": 1e-8, "maxiter": 1000})
-    res2 = optimize.minimize(negll, res.x, method="Nelder-Mead", bounds=bounds,
-                             options={"xatol": 1e-7, "fatol": 1e-10, "maxiter": 4000})
-    best = res2 if res2.fun <= res.fun else res
+    def negll_grad(v):
+        v = np.asarray(v, float)
+        with np.errstate(all="ignore"):
+            ll, g = _mixed(v[:p], v[p], v[p + 1], y, X, offset, codes, n_groups, n_quad, True)
+        if not (math.isfinite(ll) and np.all(np.isfinite(g))):
+            return 1e300, np.zeros_like(v)
+        return -ll, -g
+
+    res = optimize.minimize(negll_grad, x0, jac=True, method="L-BFGS-B", bounds=bounds,
+                            options={"ftol": 1e-14, "gtol": 1e-8, "maxiter": 2000})
+    best = res
+    if not res.success:  # the approximate gradient can stop L-BFGS-B early: polish without it
+        res2 = optimize.minimize(negll, res.x, method="Nelder-Mead", bounds=bounds,
+                                 options={"xatol": 1e-7, "fatol": 1e-10, "maxiter": 3000})
+        best = res2 if res2.fun <= res.fun else res
     v = best.x
-    # a variance parameter at its bound (e.g. no overdispersion beyond the random intercept) is
-    # held fixed; standard errors come from the Hessian of the free parameters
-    free = [i for i in range(len(v))
-            if i < p or (bounds[i][0] + 0.05 < v[i] < bounds[i][1] - 0.05)]
-
-    def negll_free(w):
-        full = v.copy()
-        full[free] = w
-        return negll(full)
-
+    # A variance parameter at (or drifting towards) its bound, e.g. no overdispersion beyond the
+    # random intercept, leaves the likelihood flat in that direction: it is then held fixed and
+    # the standard errors come from the Hessian of the remaining parameters.
+    inside = [i for i in (p, p + 1) if bounds[i][0] + 0.05 < v[i] < bounds[i][1] - 0.05]
+    candidates = [list(range(p)) + inside]
+    if p in inside:
+        candidates.append([i for i in candidates[0] if i != p])
+    candidates.append(list(range(p)))
     se = np.full(len(v), np.nan)
-    try:
-        cov = np.linalg.inv(_num_hessian(negll_free, v[free]))
-        d = np.diag(cov)
-        se[free] = np.sqrt(np.where(d > 0, d, np.nan))
-    except np.linalg.LinAlgError:
-        pass
+    free: list[int] = []
+    for free in candidates:
+        def grad_free(w, free=free):
+            full = v.copy()
+            full[free] = w
+            return negll_grad(full)[1][free]
+
+        H = _hessian_from_gradient(grad_free, v[free])
+        if np.all(np.isfinite(H)) and np.all(np.linalg.eigvalsh(H) > 0):
+            se[free] = np.sqrt(np.diag(np.linalg.inv(H)))
+            break
     if not np.all(np.isfinite(se[:p])):
         raise ModelError("the mixed model's information matrix is singular; its standard errors "
                          "cannot be computed")
     return MixedFit(pd.Series(v[:p], names), pd.Series(se[:p], names), math.exp(v[p]),
                     math.exp(v[p + 1]), -float(best.fun), len(y), n_groups, n_quad,
-                    bool(res.success or res2.success), alpha_at_bound=p not in free)
+                    bool(best.success), alpha_at_bound=p not in free)
