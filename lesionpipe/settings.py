@@ -51,6 +51,8 @@ class AnalysisSettings:
     baseline_adjustment: str = "linear"
     #: offset log(number of available scans in the window)
     offset_scans: bool = True
+    #: robust (HC1 sandwich) instead of model-based standard errors for the primary Wald CI/p
+    robust_se: bool = False
     #: two-sided significance level for power and the "significant" flags (CIs are always 95%)
     alpha: float = 0.05
     #: Gauss-Hermite points for the crossover NB mixed model (1 = Laplace approximation)

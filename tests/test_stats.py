@@ -157,6 +157,25 @@ def test_theta_ml_without_overdispersion_gives_poisson():
     assert fit.params.iloc[0] == pytest.approx(math.log(y.mean()), rel=1e-8)
 
 
+def test_sandwich_se_matches_statsmodels_in_the_poisson_limit():
+    """With alpha = 0 the NB2 fit is a Poisson fit (canonical link, observed = expected
+    information), where statsmodels' HC0 sandwich is the reference."""
+    import statsmodels.api as sm
+
+    from lesionpipe.stats.nb import with_sandwich_se
+
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=300)
+    X = np.column_stack([np.ones(300), x])
+    y = np.clip(rng.poisson(np.exp(1.0 + 0.3 * x)), 1, 5)  # underdispersed: alpha estimate 0
+    fit = fit_nb2(y, X)
+    assert fit.alpha == 0.0
+    robust = with_sandwich_se(fit, y, X)
+    ref = sm.GLM(y, X, family=sm.families.Poisson()).fit(cov_type="HC0", tol=1e-13)
+    np.testing.assert_allclose(robust.bse.to_numpy() * math.sqrt(298 / 300), ref.bse, rtol=1e-6)
+    assert np.all(robust.bse.to_numpy() < fit.bse.to_numpy())  # underdispersion: smaller
+
+
 def test_overdispersion_tests_detect_nb_and_accept_poisson():
     rng = np.random.default_rng(11)
     X = np.column_stack([np.ones(300), np.repeat([0.0, 1.0], 150)])

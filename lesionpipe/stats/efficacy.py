@@ -22,7 +22,7 @@ from scipy import stats
 from lesionpipe.stats.data import (InputError, Windows, check_match, covariate_columns,
                                    patient_table, read_counts, read_design, visit_matrix)
 from lesionpipe.stats.nb import ModelError, fit_nb2, fit_nb_mixed, fit_poisson, lr_test, \
-    overdispersion_tests
+    overdispersion_tests, with_sandwich_se
 
 LOG = logging.getLogger("lesionpipe")
 
@@ -98,6 +98,8 @@ def primary_analysis(pt: pd.DataFrame, design: pd.DataFrame, settings, ref: str,
     full = fit_nb2(y, X.to_numpy(), offset, list(X.columns))
     X0 = X.drop(columns="treatment")
     reduced = fit_nb2(y, X0.to_numpy(), offset, list(X0.columns))
+    if settings.robust_se:
+        full = with_sandwich_se(full, y, X.to_numpy())
     w = full.wald("treatment")
     lr = lr_test(full, reduced)
     incomplete = [{"participant_id": pid, "arm": r["arm"], "period1_scans": int(r["n1"]),
@@ -110,7 +112,9 @@ def primary_analysis(pt: pd.DataFrame, design: pd.DataFrame, settings, ref: str,
                      "none": ""}[settings.baseline_adjustment]
                   + "".join(f" + {c}" for c in settings.covariates)
                   + (" with offset log(number of period-1 scans available)"
-                     if settings.offset_scans else "")),
+                     if settings.offset_scans else "")
+                  + ("; Wald CI and p from robust (HC1 sandwich) standard errors"
+                     if settings.robust_se else "")),
         "comparison": f"{active} vs {ref}",
         "rate_ratio": w["ratio"],
         "ci95": w["ci"],

@@ -250,6 +250,24 @@ def fit_nb2(y, X, offset=None, names=None, *, tol: float = 1e-10, maxiter: int =
                     theta=theta, se_theta=se_theta, iterations=it)
 
 
+def with_sandwich_se(fit: CountFit, y, X) -> CountFit:
+    """A copy of ``fit`` with heteroskedasticity-robust (HC1 sandwich) standard errors."""
+    import dataclasses
+
+    y = np.asarray(y, float)
+    X = np.asarray(X, float)
+    mu = fit.mu
+    a = fit.alpha
+    w = mu / (1 + a * mu)
+    bread = np.linalg.inv(X.T @ (X * w[:, None]))
+    scores = X * ((y - mu) / (1 + a * mu))[:, None]
+    n, p = X.shape
+    cov = bread @ (scores.T @ scores) @ bread * n / (n - p)
+    names = list(fit.params.index)
+    return dataclasses.replace(fit, bse=pd.Series(np.sqrt(np.diag(cov)), names),
+                               cov=pd.DataFrame(cov, names, names))
+
+
 def lr_test(full: CountFit, reduced: CountFit) -> dict:
     """Likelihood-ratio test of nested fits of the same family."""
     stat = max(0.0, 2 * (full.llf - reduced.llf))

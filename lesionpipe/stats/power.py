@@ -30,6 +30,7 @@ class SimulationSummary:
     coverage: float
     coverage_mc_se: float
     power: float
+    power_lr: float
     mean_alpha: float
 
     def as_dict(self) -> dict:
@@ -47,13 +48,15 @@ def one_trial(settings, seed: int, **sim) -> dict:
                        arms[0])
     primary, _, _ = primary_analysis(pt, design, settings, arms[1], arms[0])
     return {"log_rr": primary["log_rate_ratio"], "se": primary["se_log_rate_ratio"],
-            "ci": primary["ci95"], "p": primary["p_value"],
+            "ci": primary["ci95"], "p": primary["p_value"], "p_lr": primary["p_value_lr"],
             "alpha": primary["dispersion"]["alpha"]}
 
 
 def simulation_study(settings, *, n_trials: int, seed: int = 0, rate_ratio: float = 1.0,
                      **sim) -> SimulationSummary:
-    """Bias of log(RR), 95% CI coverage and power (Wald p < settings.alpha) over ``n_trials``."""
+    """Bias of log(RR), 95% CI coverage and rejection rates (Wald and likelihood-ratio
+    p < settings.alpha) over ``n_trials``; at rate_ratio = 1 the rejection rate is the type I
+    error."""
     ss = np.random.SeedSequence(seed)
     seeds = ss.generate_state(n_trials)
     res, failed = [], 0
@@ -75,4 +78,37 @@ def simulation_study(settings, *, n_trials: int, seed: int = 0, rate_ratio: floa
         mean_log_rr=float(df["log_rr"].mean()), bias_log_rr=float(df["log_rr"].mean() - truth),
         median_rr=float(np.exp(df["log_rr"].median())), coverage=cov,
         coverage_mc_se=math.sqrt(cov * (1 - cov) / len(df)),
-        power=float((df["p"] < settings.alpha).mean()), mean_alpha=float(df["alpha"].mean()))
+        power=float((df["p"] < settings.alpha).mean()),
+        power_lr=float((df["p_lr"] < settings.alpha).mean()), mean_alpha=float(df["alpha"].mean()))
+
+
+def crossover_study(settings, *, n_trials: int, seed: int = 0, rate_ratio: float = 1.0,
+                    **sim) -> dict:
+    """Coverage, bias and power of the crossover NB mixed model, and power of the Wilcoxon test."""
+    from lesionpipe.stats.efficacy import crossover_analyses
+
+    arms = sim.get("arms", DEFAULT_ARMS)
+    seeds = np.random.SeedSequence(seed).generate_state(n_trials)
+    est, cover, sig_m, sig_w, failed = [], [], [], [], 0
+    for s in seeds:
+        counts, design = simulate_trial(seed=int(s), rate_ratio=rate_ratio,
+                                        period1_weeks=tuple(settings.period1_weeks),
+                                        period2_weeks=tuple(settings.period2_weeks),
+                                        baseline_week=settings.baseline_week, **sim)
+        design = design.set_index("participant_id")
+        pt = patient_table(counts_for_analysis(counts), design, windows_from(settings), arms[1],
+                           arms[0])
+        res = crossover_analyses(pt, settings, arms[1], arms[0])
+        m = res.get("nb_mixed", {})
+        if "rate_ratio" not in m:
+            failed += 1
+            continue
+        est.append(math.log(m["rate_ratio"]))
+        cover.append(m["ci95"][0] <= rate_ratio <= m["ci95"][1])
+        sig_m.append(m["p_value"] < settings.alpha)
+        sig_w.append(res["wilcoxon"].get("p_value", 1.0) < settings.alpha)
+    cov = float(np.mean(cover))
+    return {"true_rate_ratio": rate_ratio, "n_trials": len(est), "n_failed": failed,
+            "bias_log_rr": float(np.mean(est) - math.log(rate_ratio)),
+            "coverage": cov, "coverage_mc_se": math.sqrt(cov * (1 - cov) / len(est)),
+            "power_mixed": float(np.mean(sig_m)), "power_wilcoxon": float(np.mean(sig_w))}
