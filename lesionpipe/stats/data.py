@@ -48,7 +48,8 @@ def _is_na(value: str) -> bool:
 
 
 def read_counts(path: str | Path, windows: Windows) -> pd.DataFrame:
-    """Validated visit table: participant_id, session_id, week (int), gel_count (float, NaN = missing).
+    """Validated visit table: participant_id, session_id, week (int), gel_count (float; NaN =
+    missing).
 
     Accepts ``gel_counts.tsv`` and the reviewed export (extra columns are ignored).
     """
@@ -83,9 +84,10 @@ def read_counts(path: str | Path, windows: Windows) -> pd.DataFrame:
         week = int(round(week_f))
         if week not in allowed:
             raise InputError(f"{where}: week {week} is not the baseline week or in a period "
-                             f"window (baseline {windows.baseline}, period 1 {list(windows.period1)}"
-                             f", period 2 {list(windows.period2)}); set [analysis] visit windows "
-                             "in the settings file")
+                             f"window (baseline {windows.baseline}, "
+                             f"period 1 {list(windows.period1)}, "
+                             f"period 2 {list(windows.period2)}); set the [analysis] visit "
+                             "windows in the settings file")
         count = math.nan
         if status == "ok":
             if _is_na(r["gel_count"]):

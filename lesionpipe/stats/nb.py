@@ -296,7 +296,8 @@ def overdispersion_tests(y, poisson: CountFit, nb: CountFit | None = None) -> di
     se_c = math.sqrt(s2 / np.sum(mu * mu))
     t = c / se_c if se_c > 0 else math.inf
     out = {
-        "pearson_chi2": pearson, "df": dof, "pearson_dispersion": pearson / dof if dof else math.nan,
+        "pearson_chi2": pearson, "df": dof,
+        "pearson_dispersion": pearson / dof if dof else math.nan,
         "cameron_trivedi": {"alpha_estimate": c, "t": t,
                             "p_value": float(stats.t.sf(t, len(y) - 1))},
     }

@@ -137,6 +137,12 @@ def _p(x) -> str:
     return "&lt;0.0001" if x < 1e-4 else f"{x:.4f}"
 
 
+def _peq(x) -> str:
+    if x is None:
+        return "p = n/a"
+    return "p &lt; 0.0001" if x < 1e-4 else f"p = {x:.4f}"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
@@ -191,13 +197,13 @@ def write_html(result: dict, visits: pd.DataFrame, images: dict, path: Path) -> 
     od = q["overdispersion"]
     parts.append(_table(["quantity", "value"], [
         ["Poisson rate ratio (95% CI)", f"{_fmt(q['rate_ratio'])} ({_fmt(q['ci95'][0])} to "
-                                        f"{_fmt(q['ci95'][1])}), p = {_p(q['p_value'])}"],
+                                        f"{_fmt(q['ci95'][1])}), {_peq(q['p_value'])}"],
         ["Pearson chi-square / df", _fmt(od["pearson_dispersion"])],
         ["Cameron-Trivedi test (alpha estimate, p)",
-         f"{_fmt(od['cameron_trivedi']['alpha_estimate'])}, p = "
-         f"{_p(od['cameron_trivedi']['p_value'])}"],
-        ["LR test NB2 vs Poisson (boundary)", f"{_fmt(od['lr_nb_vs_poisson']['statistic'])}, p = "
-                                              f"{_p(od['lr_nb_vs_poisson']['p_value'])}"],
+         f"{_fmt(od['cameron_trivedi']['alpha_estimate'])}, "
+         f"{_peq(od['cameron_trivedi']['p_value'])}"],
+        ["LR test NB2 vs Poisson (boundary)", f"{_fmt(od['lr_nb_vs_poisson']['statistic'])}, "
+                                              f"{_peq(od['lr_nb_vs_poisson']['p_value'])}"],
         ["conclusion", html.escape(q["conclusion"])],
     ]))
 
@@ -211,21 +217,23 @@ def write_html(result: dict, visits: pd.DataFrame, images: dict, path: Path) -> 
         if "rate_ratio" in m:
             rows += [["NB2 mixed model, treatment rate ratio (95% CI)",
                       f"{_fmt(m['rate_ratio'])} ({_fmt(m['ci95'][0])} to {_fmt(m['ci95'][1])}), "
-                      f"p = {_p(m['p_value'])}"],
+                      f"{_peq(m['p_value'])}"],
                      ["period 2 vs period 1 rate ratio (95% CI)",
                       f"{_fmt(m['period_rate_ratio'])} ({_fmt(m['period_ci95'][0])} to "
-                      f"{_fmt(m['period_ci95'][1])}), p = {_p(m['period_p_value'])}"],
-                     ["alpha; random-intercept SD", f"{_fmt(m['alpha'])}; "
-                                                    f"{_fmt(m['random_intercept_sd'])}"]]
+                      f"{_fmt(m['period_ci95'][1])}), {_peq(m['period_p_value'])}"],
+                     ["alpha; random-intercept SD",
+                      ("0 (at its lower bound: no overdispersion beyond the patient effect)"
+                       if m.get("alpha_at_lower_bound") else _fmt(m["alpha"]))
+                      + f"; {_fmt(m['random_intercept_sd'])}"]]
         else:
             rows.append(["NB2 mixed model", html.escape(m.get("error", "failed"))])
         w = c["wilcoxon"]
         if w.get("p_value") is not None:
             rows.append(["Wilcoxon signed-rank (per-scan rate, active vs placebo period)",
                          f"median difference {_fmt(w['median_difference_per_scan'])}, "
-                         f"p = {_p(w['p_value'])} ({w['n_pairs']} pairs)"])
+                         f"{_peq(w['p_value'])} ({w['n_pairs']} pairs)"])
         rows.append(["carry-over check (Mann-Whitney, sum of both periods by sequence)",
-                     f"p = {_p(c['carryover']['p_value'])}"])
+                     f"{_peq(c['carryover']['p_value'])}"])
         rows.append(["patients with scans in both periods",
                      ", ".join(f"{html.escape(k)}: {v}" for k, v in c["n"].items())])
         parts.append(_table(["analysis", "result"], rows))
@@ -239,6 +247,8 @@ def write_html(result: dict, visits: pd.DataFrame, images: dict, path: Path) -> 
                          "% with >= 1 GEL", "cumulative mean"], vrows))
     parts.append(_img(images["distribution"], "distribution of per-patient GEL totals"))
     gen = result["generated_by"]
+    inputs = ", ".join(f"{html.escape(f['name'])} (SHA-256 {f['sha256'][:12]}...)"
+                       for f in (result["inputs"]["counts"], result["inputs"]["design"]))
     body = "\n".join(parts)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -254,8 +264,7 @@ img {{ max-width: 100%; display: block; margin: 0.5em 0 1.5em; }}
 <h1>Efficacy analysis: {html.escape(active)} vs {html.escape(ref)}</h1>
 {body}
 <p class="foot">{html.escape(gen['name'])} {html.escape(str(gen['version']))}; inputs
-{html.escape(result['inputs']['counts']['name'])} (SHA-256 {result['inputs']['counts']['sha256'][:12]}...),
-{html.escape(result['inputs']['design']['name'])} (SHA-256 {result['inputs']['design']['sha256'][:12]}...).
+{inputs}.
 Machine-readable results: efficacy.json.</p>
 </body></html>
 """

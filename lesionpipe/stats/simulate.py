@@ -84,7 +84,8 @@ def simulate_trial(*, n: int = 144, active_fraction: float = 0.5,
     return counts, design
 
 
-def write_trial(out_dir: str | Path, counts: pd.DataFrame, design: pd.DataFrame) -> tuple[Path, Path]:
+def write_trial(out_dir: str | Path, counts: pd.DataFrame,
+                design: pd.DataFrame) -> tuple[Path, Path]:
     """Write gel_counts.tsv and design.tsv into ``out_dir`` (created)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
