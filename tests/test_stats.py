@@ -394,6 +394,15 @@ def test_analyze_bad_input_exits_2(tmp_path, capsys):
     assert "gel_count '-3' is not a non-negative integer" in err and "line 2" in err
 
 
+def test_arm_without_any_gel_exits_1(tmp_path, capsys):
+    counts, design = simulate_trial(n=20, seed=2, missing_rate=0.0)
+    active = set(design.loc[design["arm"] == "MSC-first", "participant_id"])
+    counts.loc[counts["participant_id"].isin(active) & (counts["week"] > 0), "gel_count"] = 0
+    c, d = write_trial(tmp_path, counts, design)
+    assert main(["analyze", str(c), "--design", str(d), "--out", str(tmp_path / "o")]) == 1
+    assert "arm 'MSC-first' has no GEL at all" in capsys.readouterr().err
+
+
 def test_analysis_settings_from_toml_and_checks(tmp_path):
     s = Settings.from_toml_string('[analysis]\nperiod1_weeks = [4, 12]\nperiod2_weeks = []\n'
                                   'baseline_adjustment = "log1p"\ncovariates = ["site"]\n')

@@ -93,6 +93,10 @@ def primary_analysis(pt: pd.DataFrame, design: pd.DataFrame, settings, ref: str,
             raise InputError(f"arm {arm!r} has no patients with usable counts for the primary "
                              f"analysis ({sum(1 for e in excluded if e['arm'] == arm)} excluded)")
     y = d["y1"].to_numpy(float)
+    for arm in (ref, active):
+        if d.loc[d["arm"] == arm, "y1"].sum() == 0:
+            raise ModelError(f"arm {arm!r} has no GEL at all over the period-1 visits: the rate "
+                             "ratio is 0 or infinite and cannot be estimated by the model")
     offset = np.log(d["n1"].to_numpy(float)) if settings.offset_scans else np.zeros(len(d))
     X = primary_design(d, design, settings)
     full = fit_nb2(y, X.to_numpy(), offset, list(X.columns))

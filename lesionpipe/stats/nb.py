@@ -35,6 +35,10 @@ class ModelError(RuntimeError):
     """A model could not be fitted (no convergence, singular design)."""
 
 
+_SINGULAR = ("the model cannot be estimated: its information matrix is singular (a covariate is "
+             "constant or collinear with another, or a group of patients has only zero counts)")
+
+
 # ============================================================================================
 # NB2 log-likelihood and theta given the means
 # ============================================================================================
@@ -138,11 +142,9 @@ def _irls(y, X, offset, theta, beta0=None, tol=1e-12, maxiter=100):
     try:
         cov = np.linalg.inv(xtwx)
     except np.linalg.LinAlgError:
-        raise ModelError("the model's design matrix is singular (a covariate is constant or "
-                         "collinear with another)") from None
+        raise ModelError(_SINGULAR) from None
     if np.linalg.cond(xtwx) > 1e13:
-        raise ModelError("the model's design matrix is singular (a covariate is constant or "
-                         "collinear with another)")
+        raise ModelError(_SINGULAR)
     return beta, cov, mu, it
 
 
