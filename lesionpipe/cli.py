@@ -183,36 +183,96 @@ def _cmd_phantoms(args) -> int:
 # ============================================================================================
 def _add_analyze(sub) -> None:
     p = sub.add_parser("analyze", help="efficacy model from gel_counts.tsv",
-                       description="Negative-binomial efficacy analysis of per-visit GEL counts.")
-    p.add_argument("counts_tsv", type=Path)
-    p.add_argument("--design", type=Path, required=True, help="participant_id, arm, covariates")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: efficacy/)")
-    p.add_argument("--settings", default=None, metavar="FILE.toml")
+                       description="Negative-binomial efficacy analysis of per-visit GEL counts: "
+                                   "primary NB2 regression, Poisson/overdispersion check, "
+                                   "within-patient crossover analyses, per-visit summaries, "
+                                   "plots and an HTML summary (see docs/analyze.md).")
+    p.add_argument("counts_tsv", type=Path,
+                   help="gel_counts.tsv or gel_counts_reviewed.tsv (extra columns are ignored)")
+    p.add_argument("--design", type=Path, required=True,
+                   help="TSV: participant_id, arm (two labels), optional covariate columns")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: efficacy/ beside COUNTS_TSV)")
+    p.add_argument("--settings", default=None, metavar="FILE.toml",
+                   help="settings TOML; its [analysis] section holds visit windows and model "
+                        "choices")
     p.set_defaults(func=_cmd_analyze)
 
 
 def _cmd_analyze(args) -> int:
-    from lesionpipe.stats.efficacy import run_analysis
+    from lesionpipe.stats.efficacy import InputError, ModelError, run_analysis
 
     settings = _load_settings(args.settings)
     out = args.out or args.counts_tsv.resolve().parent / "efficacy"
-    result = run_analysis(args.counts_tsv, args.design, out, settings.analysis)
-    print(json.dumps(result.get("primary", result), indent=2, default=str))
+    try:
+        result = run_analysis(args.counts_tsv, args.design, out, settings.analysis)
+    except InputError as exc:
+        raise UsageError(str(exc)) from None
+    except ModelError as exc:
+        print(f"lesionpipe analyze: model failed: {exc}", file=sys.stderr)
+        return 1
+    p = result["primary"]
+    lo, hi = p["ci95"]
+    print(f"primary: rate ratio {p['comparison']} = {p['rate_ratio']:.3f} "
+          f"(95% CI {lo:.3f}-{hi:.3f}), Wald p = {p['p_value']:.4g}, LR p = {p['p_value_lr']:.4g}")
+    print(f"         dispersion alpha = {p['dispersion']['alpha']:.4g} "
+          f"(theta = {p['dispersion']['theta']:.4g}); n = "
+          + ", ".join(f"{k}: {v}" for k, v in p["n"].items())
+          + f"; excluded: {len(result['excluded'])}")
+    print(f"outputs: {out}")
     return 0
 
 
 def _add_simulate(sub) -> None:
     p = sub.add_parser("simulate-trial", help="draw a MESEMS-like trial's counts and design",
-                       description="Simulate per-visit GEL counts of a two-arm crossover trial.")
+                       description="Simulate per-visit GEL counts of a two-arm crossover trial "
+                                   "(gamma-Poisson, i.e. negative-binomial patient totals) and "
+                                   "write gel_counts.tsv and design.tsv to OUT_DIR.")
     p.add_argument("out_dir", type=Path)
+    p.add_argument("--n", type=int, default=144, help="patients randomised (default 144)")
+    p.add_argument("--arm-split", default="1:1", metavar="A:B",
+                   help="allocation ratio active-first:reference-first (default 1:1)")
+    p.add_argument("--arms", nargs=2, default=["MSC-first", "placebo-first"],
+                   metavar=("ACTIVE_FIRST", "REFERENCE"), help="arm labels")
+    p.add_argument("--baseline-week", type=int, default=0)
+    p.add_argument("--period1-weeks", type=int, nargs="+", default=[4, 12, 24])
+    p.add_argument("--period2-weeks", type=int, nargs="*", default=[28, 36, 48])
+    p.add_argument("--baseline-rate", type=float, default=1.0,
+                   help="mean GELs per scan off treatment (default 1.0)")
+    p.add_argument("--dispersion", type=float, default=2.0,
+                   help="NB2 dispersion alpha of patient activity (variance mu + alpha mu^2; "
+                        "theta = 1/alpha; default 2.0)")
+    p.add_argument("--rate-ratio", type=float, default=1.0,
+                   help="true rate ratio active vs placebo (default 1.0)")
+    p.add_argument("--period-ratio", type=float, default=1.0,
+                   help="multiplicative change in GEL rate in period 2 (default 1.0)")
+    p.add_argument("--missing-rate", type=float, default=0.05,
+                   help="probability that any visit fails (default 0.05)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_simulate)
 
 
 def _cmd_simulate(args) -> int:
-    from lesionpipe.stats.simulate import simulate_trial_cli
+    from lesionpipe.stats.simulate import simulate_trial, write_trial
 
-    return simulate_trial_cli(args)
+    try:
+        a, b = (float(x) for x in args.arm_split.split(":"))
+        if a <= 0 or b <= 0:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"--arm-split must look like 1:1 or 2:1, not {args.arm_split!r}") from None
+    try:
+        counts, design = simulate_trial(
+            n=args.n, active_fraction=a / (a + b), arms=tuple(args.arms),
+            baseline_week=args.baseline_week, period1_weeks=tuple(args.period1_weeks),
+            period2_weeks=tuple(args.period2_weeks), baseline_rate=args.baseline_rate,
+            dispersion=args.dispersion, rate_ratio=args.rate_ratio,
+            period_ratio=args.period_ratio, missing_rate=args.missing_rate, seed=args.seed)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    c, d = write_trial(args.out_dir, counts, design)
+    print(f"counts: {c}\ndesign: {d}")
+    return 0
 
 
 # ============================================================================================

@@ -32,18 +32,46 @@ import tomli_w
 
 @dataclass(frozen=True)
 class AnalysisSettings:
-    """Efficacy model (``lesionpipe analyze``): visit windows and model choices (MESEMS defaults)."""
+    """Efficacy model (``lesionpipe analyze``): visit windows and model choices (MESEMS defaults).
 
+    See docs/analyze.md for what each choice does.
+    """
+
+    #: week of the baseline scan (its count is the baseline covariate)
     baseline_week: int = 0
+    #: weeks whose counts are summed into the primary endpoint (period 1)
     period1_weeks: tuple[int, ...] = (4, 12, 24)
+    #: weeks of the second crossover period (empty = no crossover analyses)
     period2_weeks: tuple[int, ...] = (28, 36, 48)
     #: arm label used as the reference; empty = the label containing "placebo"
     reference_arm: str = ""
     #: covariates from the design table added to the primary model (baseline GELs always are)
     covariates: tuple[str, ...] = ()
+    #: baseline GEL count in the primary model: "linear" (the count), "log1p" (log(1+count)), "none"
+    baseline_adjustment: str = "linear"
     #: offset log(number of available scans in the window)
     offset_scans: bool = True
+    #: robust (HC1 sandwich) instead of model-based standard errors for the primary Wald CI/p
+    robust_se: bool = False
+    #: two-sided significance level for power and the "significant" flags (CIs are always 95%)
     alpha: float = 0.05
+    #: Gauss-Hermite points for the crossover NB mixed model (1 = Laplace approximation)
+    mixed_quadrature_points: int = 15
+
+    def __post_init__(self) -> None:
+        if self.baseline_adjustment not in ("linear", "log1p", "none"):
+            raise ValueError("analysis.baseline_adjustment must be 'linear', 'log1p' or 'none', "
+                             f"not {self.baseline_adjustment!r}")
+        if not self.period1_weeks:
+            raise ValueError("analysis.period1_weeks must list at least one week")
+        weeks = [self.baseline_week, *self.period1_weeks, *self.period2_weeks]
+        if len(set(weeks)) != len(weeks):
+            raise ValueError("analysis visit windows overlap: baseline_week, period1_weeks and "
+                             "period2_weeks must be distinct weeks")
+        if not 0 < self.alpha < 1:
+            raise ValueError("analysis.alpha must be between 0 and 1")
+        if not 1 <= self.mixed_quadrature_points <= 50:
+            raise ValueError("analysis.mixed_quadrature_points must be between 1 and 50")
 
 
 @dataclass(frozen=True)
