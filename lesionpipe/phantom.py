@@ -20,6 +20,7 @@ Only numpy, scipy and nibabel are used. The main entry point is :func:`write_dat
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import time
@@ -31,6 +32,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from lesionpipe import __version__
+from lesionpipe.imageio import atomic_write_bytes
 
 # --- tissue classes on the subject grid ----------------------------------------------------------
 AIR, CSF, GM, WM, DGM, VENT, DURA, BONE, MARROW, FAT, MUSCLE, SKIN, EYE, CEREB_GM = range(14)
@@ -67,10 +69,15 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], step: float,
     ((20, 30, 10), True, True)
     """
     coarse_shape = tuple(int(math.ceil(n / step)) + 3 for n in shape)
-    coarse = ndi.gaussian_filter(rng.standard_normal(coarse_shape), sigma, mode="wrap")
-    factors = [step] * len(shape)
-    fine = ndi.zoom(coarse, factors, order=1, grid_mode=False)
-    fine = fine[tuple(slice(0, n) for n in shape)].astype(np.float32)
+    fine = ndi.gaussian_filter(rng.standard_normal(coarse_shape), sigma, mode="wrap").astype(np.float32)
+    for axis, n in enumerate(shape):
+        pos = np.arange(n, dtype=np.float64) / step + 1.0
+        i0 = np.floor(pos).astype(int)
+        f = (pos - i0).astype(np.float32)
+        view = [None] * len(shape)
+        view[axis] = slice(None)
+        f = f[tuple(view)]
+        fine = np.take(fine, i0, axis=axis) * (1 - f) + np.take(fine, i0 + 1, axis=axis) * f
     fine -= fine.mean()
     fine /= max(float(fine.std()), 1e-12)
     return fine
@@ -164,6 +171,15 @@ def _ellipsoid_dist(grid: SubjectGrid, centre, semi, box=None, deform=None) -> n
         rn = rn / (1 + deform)
     r = np.sqrt(dx ** 2 + dy ** 2 + dz ** 2)
     return (r * (1 - 1 / rn)).astype(np.float32)
+
+
+def _local_ellipsoid(grid: SubjectGrid, centre, semi):
+    """(box, inside mask) of an ellipsoid, computed only in its bounding box."""
+    centre, semi = np.asarray(centre, float), np.asarray(semi, float)
+    box = grid.box_around(centre - semi, centre + semi, 1)
+    x, y, z = grid.mesh(box)
+    q = ((x - centre[0]) / semi[0]) ** 2 + ((y - centre[1]) / semi[1]) ** 2 + ((z - centre[2]) / semi[2]) ** 2
+    return box, q < 1
 
 
 def _softmin(*ds, k: float = 4.0) -> np.ndarray:
@@ -305,8 +321,8 @@ def make_anatomy(rng: np.random.Generator, *, size: str = "full") -> Anatomy:
     tissue[lower & ~fatty] = MUSCLE
     tissue[(d_face < 1.8) & (d_face >= 0) & (tissue == AIR)] = SKIN
     # air in the nasal cavity and sinuses
-    d_nasal = _ellipsoid_dist(grid, np.array([0, 62, -52]) * s, np.array([16, 22, 24]) * s)
-    tissue[(d_nasal < 0) & (d_brain > b1 + 2)] = AIR
+    box, ins = _local_ellipsoid(grid, np.array([0, 62, -52]) * s, np.array([16, 22, 24]) * s)
+    tissue[box][ins & (d_brain[box] > b1[box] + 2)] = AIR
     # skull base: thick bone/marrow under the cerebrum, above the face
     base = (d_brain > b1) & (d_brain < b1 + 14 * s) & (z < -0.55 * cer_semi[2]) & (np.abs(y) < 55 * s)
     tissue[base & (tissue != AIR)] = np.where(_smooth_noise(rng, shape, 5 * s)[base & (tissue != AIR)] > 0,
@@ -314,21 +330,22 @@ def make_anatomy(rng: np.random.Generator, *, size: str = "full") -> Anatomy:
     # eyes with orbital fat
     for side in (-1, 1):
         c = np.array([side * 31, 66, -36]) * s
-        d_orb = _ellipsoid_dist(grid, c + np.array([0, -6, 0]) * s, np.array([17, 20, 16]) * s)
-        d_eye = _ellipsoid_dist(grid, c, np.array([12, 12, 12]) * s)
-        tissue[(d_orb < 0) & (d_brain > b1)] = FAT
-        tissue[(d_eye < 0) & (d_brain > b1)] = EYE
-    del d_face, d_nasal, fatty, lower, base
+        box, ins = _local_ellipsoid(grid, c + np.array([0, -6, 0]) * s, np.array([17, 20, 16]) * s)
+        tissue[box][ins & (d_brain[box] > b1[box])] = FAT
+        box, ins = _local_ellipsoid(grid, c, np.array([12, 12, 12]) * s)
+        tissue[box][ins & (d_brain[box] > b1[box])] = EYE
+    del d_face, fatty, lower, base
 
     # --- inside the brain: cortex with sulci, interhemispheric fissure ------------------------------
     inside = d_brain < 0
-    g = _smooth_noise(rng, shape, 5.5 * s ** 0.5)
-    g -= _smooth_noise(rng, shape, 14 * s) * 0.5
+    g = _smooth_noise(rng, shape, 2.6 * s ** 0.4)
     gx, gy, gz = np.gradient(g)
     sulc_dist = np.abs(g) / (np.sqrt(gx ** 2 + gy ** 2 + gz ** 2) + 1e-4)
     del gx, gy, gz, g
-    sulc_depth = thick(11 * s ** 0.5, 4, step=25)
-    sulc_width = 0.45 + 0.35 * np.clip(_smooth_noise(rng, shape, 30 * s), -1, 2)
+    sulc_depth = thick(17 * s ** 0.5, 5, step=25)
+    atrophy = sj(0.0, 0.5)
+    sulc_width = 0.55 + atrophy + 0.2 * np.clip(_smooth_noise(rng, shape, 30 * s), -1.5, 2)
+    params["atrophy"] = round(atrophy, 3)
     depth = -d_brain
     in_cerebrum = (d_cer <= d_cbl) & (d_cer <= np.minimum(d_stem, d_cord) + 1) & inside
     in_cbl = inside & (d_cbl < d_cer) & (d_cbl < np.minimum(d_stem, d_cord))
@@ -352,8 +369,8 @@ def make_anatomy(rng: np.random.Generator, *, size: str = "full") -> Anatomy:
     # cerebellum: grey folia around a white core
     f = _smooth_noise(rng, shape, 2.6 * s ** 0.5)
     tissue[in_cbl] = CEREB_GM
-    core = _ellipsoid_dist(grid, np.array([0, -42, -44]) * s, np.array([30, 14, 11]) * s) < 0
-    tissue[in_cbl & core] = WM
+    box, core = _local_ellipsoid(grid, np.array([0, -42, -44]) * s, np.array([30, 14, 11]) * s)
+    tissue[box][in_cbl[box] & core] = WM
     tissue[in_cbl & (np.abs(f) < 0.12) & (depth < 12 * s)] = CSF
     tissue[in_stem] = WM
     del f, core, t_gm, wall
@@ -611,15 +628,15 @@ class Lesion:
 
 
 def _lesion_shape(rng: np.random.Generator, grid: SubjectGrid, centre: np.ndarray, volume: float,
-                  kind: str, axes_dir=None):
+                  kind: str, axes_dir=None, ratios=None):
     """Occupancy and enhancement profile of one lesion on the subject grid.
 
     Returns (box, occ, rim, realised volume mm3). Occupancy has a soft ~0.4 mm edge so that partial
     volume in resampling is realistic.
     """
     r0 = (3 * volume / (4 * np.pi)) ** (1 / 3)
-    ratios = rng.uniform(0.75, 1.3, 3)
-    ratios /= np.prod(ratios) ** (1 / 3)
+    ratios = rng.uniform(0.75, 1.3, 3) if ratios is None else np.asarray(ratios, float)
+    ratios = ratios / np.prod(ratios) ** (1 / 3)
     semi = r0 * ratios
     rot = _random_rotation(rng, 180) if axes_dir is None else axes_dir
     blobs = [(np.zeros(3), semi, rot)]
@@ -743,7 +760,7 @@ def plan_lesions(rng: np.random.Generator, anat: Anatomy, weeks: list[int], *, s
     rate = rng.gamma(0.8, 2.0) * (1.8 if stress else 1.0)
     for v, wk in enumerate(weeks):
         gap = 4.0 if v == 0 else max(weeks[v] - weeks[v - 1], 1)
-        n_new = min(int(rng.poisson(rate * min(gap, 8) / 4)), 12)
+        n_new = min(int(rng.poisson(rate * min(gap, 8) / 4)), 10)
         if stress and v == 0:
             n_new = max(n_new, 3)
         for _ in range(n_new):
@@ -869,7 +886,7 @@ def make_grid(*, grid: str, size: str, thickness: float, orientation: str, obliq
     """Shape and affine of a scan whose field of view is centred on ``centre`` (scanner mm).
 
     >>> shape, aff = make_grid(grid='2d', size='small', thickness=3, orientation='LAS')
-    >>> shape, aff[0, 0], aff[2, 2]
+    >>> shape, float(aff[0, 0]), float(aff[2, 2])
     ((160, 160, 43), -1.0, 3.0)
     """
     fov = np.array([230.0, 230, 180]) if size == "full" else np.array([160.0, 160, 130])
@@ -885,7 +902,7 @@ def make_grid(*, grid: str, size: str, thickness: float, orientation: str, obliq
 
 
 def draw_acquisition(rng, *, size: str, stress: bool, grid: str | None = None, pose=None,
-                     storage: str | None = None) -> Acquisition:
+                     storage: str | None = None, gain_range=(0.01, 5000.0)) -> Acquisition:
     if grid is None:
         grid = "2d" if rng.random() < 0.4 else "3d"
     thickness = 1.0
@@ -904,7 +921,7 @@ def draw_acquisition(rng, *, size: str, stress: bool, grid: str | None = None, p
                        affine=aff, orientation=orientation, rot=rot, trans=trans,
                        bias_amp=float(rng.uniform(0.3, 0.45) if stress else rng.uniform(0.1, 0.35)),
                        snr=float(rng.uniform(8, 16) if stress else rng.uniform(15, 40)),
-                       gain=float(10 ** rng.uniform(-2, np.log10(5000))), storage=storage)
+                       gain=float(10 ** rng.uniform(*np.log10(gain_range))), storage=storage)
 
 
 def draw_pose(rng, max_deg: float, max_mm: float, base=None):
@@ -972,16 +989,15 @@ def bias_field(rng, shape, amp: float) -> np.ndarray:
 
     The log-field is scaled so the field spans about ``1 - amp`` to ``1 + amp`` across the volume.
     """
-    axes = [np.linspace(-1, 1, n, dtype=np.float32) for n in shape]
-    x, y, z = axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :]
-    logf = np.zeros(shape, np.float32)
-    for i in range(4):
-        for j in range(4 - i):
-            for k in range(4 - i - j):
-                if i + j + k == 0:
-                    continue
-                c = rng.normal(0, 1.0 / (i + j + k))
-                logf += np.float32(c) * (x ** i) * (y ** j) * (z ** k)
+    powers = [np.stack([np.linspace(-1, 1, n) ** p for p in range(4)]) for n in shape]  # (4, n)
+    coef = np.zeros((4, 4, 4))
+    for i, j, k in np.ndindex(4, 4, 4):
+        if 0 < i + j + k <= 3:
+            coef[i, j, k] = rng.normal(0, 1.0 / (i + j + k))
+    # separable evaluation: sum_i x^i sum_j y^j sum_k c_ijk z^k
+    a = np.tensordot(coef, powers[2], axes=([2], [0]))            # (4, 4, nz)
+    b = np.einsum("jy,ijz->iyz", powers[1], a)                     # (4, ny, nz)
+    logf = np.tensordot(powers[0].T, b, axes=([1], [0])).astype(np.float32)  # (nx, ny, nz)
     span = float(logf.max() - logf.min())
     logf = (logf - float(logf.mean())) * (2 * np.log1p(amp) / max(span, 1e-6))
     return np.exp(logf)
@@ -1112,6 +1128,11 @@ def _write_tsv(path: Path, rows: list[dict], columns: list[str]) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def _save(img: nb.Nifti1Image, path: Path) -> None:
+    """Write ``.nii.gz`` with a fixed gzip timestamp (identical bytes for identical images)."""
+    atomic_write_bytes(path, gzip.compress(img.to_bytes(), compresslevel=6, mtime=0))
+
+
 def _rot_deg(r: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip((np.trace(r) - 1) / 2, -1, 1))))
 
@@ -1119,12 +1140,13 @@ def _rot_deg(r: np.ndarray) -> float:
 def write_dataset(bids_dir, truth_dir, *, n_subjects: int = 4, weeks=(0, 4, 12), seed: int = 0,
                   stress: bool = False, size: str = "full", p_post_only: float = 0.25,
                   p_2d: float = 0.4, storage: str | None = None, overrides: dict | None = None,
-                  progress=None) -> dict:
+                  gain_range=(0.01, 5000.0), progress=None) -> dict:
     """Write a synthetic BIDS dataset to ``bids_dir`` and its ground truth to ``truth_dir``.
 
     ``overrides`` maps ``(subject_index, visit_index)`` to a dict with any of ``grid`` ('3d'/'2d'),
     ``pre_grid``, ``has_pre`` (bool), forcing that visit's design (used for the sample dataset).
-    ``storage`` forces 'float32', 'int16' or 'int16_scaled' for every scan.
+    ``storage`` forces 'float32', 'int16' or 'int16_scaled' for every scan; ``gain_range`` bounds
+    the arbitrary scanner gain (white matter intensity before noise).
     Returns a summary dict (also written to ``truth_dir/generation.json``).
     """
     if size not in ("full", "small"):
@@ -1160,10 +1182,11 @@ def write_dataset(bids_dir, truth_dir, *, n_subjects: int = 4, weeks=(0, 4, 12),
             grid = ov.get("grid", "2d" if rng.random() < p_2d else "3d")
             pre_grid = ov.get("pre_grid", grid if rng.random() > 0.12 else ("3d" if grid == "2d" else "2d"))
             vpose = draw_pose(rng, 8 if stress else 4, 10 if stress else 6)
-            post = draw_acquisition(rng, size=size, stress=stress, grid=grid, pose=vpose, storage=storage)
+            post = draw_acquisition(rng, size=size, stress=stress, grid=grid, pose=vpose, storage=storage,
+                                    gain_range=gain_range)
             ppose = draw_pose(rng, 7 if stress else 5, 9 if stress else 6, base=vpose)
             pre = draw_acquisition(rng, size=size, stress=stress, grid=pre_grid, pose=ppose,
-                                   storage=storage) if has_pre else None
+                                   storage=storage, gain_range=gain_range) if has_pre else None
             if pre is not None and rng.random() < 0.6:
                 # same protocol for pre and post in most visits
                 pre.affine, pre.shape, pre.zooms, pre.orientation = (post.affine, post.shape, post.zooms,
@@ -1188,7 +1211,7 @@ def write_dataset(bids_dir, truth_dir, *, n_subjects: int = 4, weeks=(0, 4, 12),
                 scans.append((pre, pre_vol, f"{stem}_T1w", False))
             for acq, vol, name, is_post in scans:
                 img = finish_scan(rng, sample(vol, anat.grid.origin, acq), acq)
-                nb.save(to_nifti(img, acq), anat_dir / f"{name}.nii.gz")
+                _save(to_nifti(img, acq), anat_dir / f"{name}.nii.gz")
                 side = {"MRAcquisitionType": acq.grid.upper(), "SliceThickness": float(acq.zooms[2]),
                         "MagneticFieldStrength": 3}
                 if is_post:
@@ -1198,18 +1221,16 @@ def write_dataset(bids_dir, truth_dir, *, n_subjects: int = 4, weeks=(0, 4, 12),
             labels, rows = truth_labels(anat, lesions, v, post)
             tdir = truth_dir / sub / ses
             tdir.mkdir(parents=True, exist_ok=True)
-            lab_acq = Acquisition(**{**post.__dict__, "storage": "int16"})
             lab_img = nb.Nifti1Image(labels.astype(np.int16), post.affine)
             lab_img.set_qform(post.affine, 1)
             lab_img.set_sform(post.affine, 1)
             lab_img.header.set_slope_inter(1.0, 0.0)
-            nb.save(lab_img, tdir / f"{stem}_label-GEL_dseg.nii.gz")
+            _save(lab_img, tdir / f"{stem}_label-GEL_dseg.nii.gz")
             mim = mimic_labels(anat, lesions, v, post)
             mim_img = nb.Nifti1Image(mim, post.affine)
             mim_img.set_qform(post.affine, 1)
             mim_img.set_sform(post.affine, 1)
-            nb.save(mim_img, tdir / f"{stem}_label-mimics_dseg.nii.gz")
-            del lab_acq
+            _save(mim_img, tdir / f"{stem}_label-mimics_dseg.nii.gz")
             n_counted = sum(r["counted"] for r in rows)
             rel_r = post.rot @ pre.rot.T if pre is not None else None
             count_rows.append({
@@ -1236,12 +1257,16 @@ def write_dataset(bids_dir, truth_dir, *, n_subjects: int = 4, weeks=(0, 4, 12),
     summary = {
         "generator": "lesionpipe.phantom", "version": __version__, "seed": seed,
         "n_subjects": n_subjects, "weeks": weeks, "stress": stress, "size": size,
-        "p_post_only": p_post_only, "p_2d": p_2d, "storage": storage,
+        "p_post_only": p_post_only, "p_2d": p_2d, "storage": storage, "gain_range": list(gain_range),
         "overrides": {f"{k[0]},{k[1]}": v for k, v in overrides.items()},
         "counting_rule": {"min_voxels": MIN_VOXELS, "min_volume_mm3": MIN_VOLUME_MM3},
         "mimic_codes": MIMIC_NAMES,
         "n_visits": len(count_rows), "total_gels": int(sum(r["gel_count"] for r in count_rows)),
-        "seconds": round(time.time() - t_start, 1),
     }
+    (truth_dir / "dataset_description.json").write_text(json.dumps({
+        "Name": "ground truth of the lesionpipe synthetic phantoms", "BIDSVersion": "1.9.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "lesionpipe phantoms", "Version": __version__}],
+    }, indent=2) + "\n")
     (truth_dir / "generation.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return {**summary, "seconds": round(time.time() - t_start, 1)}
