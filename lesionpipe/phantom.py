@@ -355,8 +355,10 @@ def make_anatomy(rng: np.random.Generator, *, size: str = "full") -> Anatomy:
     fis_core = ((y + 5 * s) / (52 * s)) ** 2 + ((z + 2 * s) / (26 * s)) ** 2 > 1
     fis_dist = np.where(fis_core, np.abs(x - x_mid), 99).astype(np.float32)
     # sylvian fissure: a deep lateral cleft
+    syl_z = -8 * s + 0.25 * y + 4 * s * _smooth_noise(rng, shape, 12 * s)
     syl_dist = np.where((np.abs(x) > 0.55 * cer_semi[0]) & (y > -35 * s) & (y < 30 * s),
-                        np.abs(z - (-8 * s + 0.25 * y)), 99).astype(np.float32)
+                        np.abs(z - syl_z), 99).astype(np.float32)
+    del syl_z
     csf_like = in_cerebrum & (((sulc_dist < sulc_width) & (depth < sulc_depth))
                               | (fis_dist < 1.3) | (syl_dist < 1.2))
     t_gm = thick(2.7, 0.35, step=20)
@@ -485,6 +487,11 @@ def make_anatomy(rng: np.random.Generator, *, size: str = "full") -> Anatomy:
             sj(0.8, 1.5), MIMIC_VESSEL)
         pca = _smooth_curve(rng, np.array([side * 4, -10, -24]) * s, [side, -1, 0.3], 60 * s, wiggle=0.04)
         add(pca, 1.0, sj(0.7, 1.4), MIMIC_VESSEL)
+    # pituitary gland and cavernous sinuses (enhance strongly), below the brain in the sella
+    add(_polyline([[0, 14, -50], [0, 10, -50]], 0.5) * s, 3.0 * max(s, 0.8), sj(1.0, 1.6), MIMIC_SINUS)
+    for side in (-1, 1):
+        add(_polyline([[side * 9, 22, -50], [side * 10, 0, -48]], 0.5) * s, 2.2 * max(s, 0.8),
+            sj(1.0, 1.6), MIMIC_SINUS)
     # basilar artery in front of the brainstem, pericallosal arteries above the corpus callosum
     add(_polyline([[0, 0, -80], [0, -2, -45], [0, -6, -24]], 0.5) * s, 1.5, sj(0.8, 1.5), MIMIC_VESSEL)
     for side in (-1, 1):
@@ -656,8 +663,7 @@ def _lesion_shape(rng: np.random.Generator, grid: SubjectGrid, centre: np.ndarra
         u = [(rm[0, i] * q[0] + rm[1, i] * q[1] + rm[2, i] * q[2]) / ax[i] for i in range(3)]
         np.minimum(rho, np.sqrt(u[0] ** 2 + u[1] ** 2 + u[2] ** 2), out=rho)
     if kind == "irregular":
-        rho = rho * (1 + 0.18 * rng.standard_normal(rho.shape).astype(np.float32) * 0
-                     + 0.15 * _smooth_noise(rng, rho.shape, 2.5))
+        rho = rho * (1 + 0.15 * _smooth_noise(rng, rho.shape, 2.5))
     edge = 0.4 / max(r0, 1.0)
     occ = (1 / (1 + np.exp(np.clip((rho - 1) / edge, -30, 30)))).astype(np.float32)
     if kind == "ring":
@@ -735,13 +741,13 @@ def plan_lesions(rng: np.random.Generator, anat: Anatomy, weeks: list[int], *, s
     grid = anat.grid
     lesions: list[Lesion] = []
 
-    def make(kind, volume, site, onset, t1_factor, centre=None, touching="", axes_dir=None):
+    def make(kind, volume, site, onset, t1_factor, centre=None, touching="", ratios=None):
         r = (3 * volume / (4 * np.pi)) ** (1 / 3)
         if centre is None:
             centre = placer.pick(r * (1.3 if kind == "irregular" else 1.0), site)
             if centre is None:
                 return None
-        box, occ, rim, vol = _lesion_shape(rng, grid, centre, volume, kind, axes_dir)
+        box, occ, rim, vol = _lesion_shape(rng, grid, centre, volume, kind, ratios=ratios)
         placer.taken.append((centre, r * (1.4 if kind == "irregular" else 1.0)))
         les = Lesion(uid=len(lesions) + 1, kind=kind, centre=centre, box=box, occ=occ, rim=rim,
                      volume_mm3=vol, t1_factor=t1_factor, onset=onset, enhancement={}, site=site,
@@ -757,35 +763,36 @@ def plan_lesions(rng: np.random.Generator, anat: Anatomy, weeks: list[int], *, s
              sites[int(rng.choice(3, p=[0.5, 0.2, 0.3]))], 0,
              rng.uniform(0.5, 0.8) if bh else rng.uniform(0.82, 0.97))
     # disease activity: new GELs per visit from a subject-specific rate (negative binomial)
-    rate = rng.gamma(0.8, 2.0) * (1.8 if stress else 1.0)
+    rate = rng.gamma(0.6, 1.8) * (2.0 if stress else 1.0)
     for v, wk in enumerate(weeks):
         gap = 4.0 if v == 0 else max(weeks[v] - weeks[v - 1], 1)
-        n_new = min(int(rng.poisson(rate * min(gap, 8) / 4)), 10)
+        n_new = min(int(rng.poisson(rate * min(gap, 8) ** 0.6 / 4 ** 0.6)), 10)
         if stress and v == 0:
             n_new = max(n_new, 3)
         for _ in range(n_new):
             vol = _draw_volume(rng, stress)
             u = rng.random()
-            kind = "ring" if (vol > 90 and u < (0.45 if stress else 0.25)) else (
-                "irregular" if (vol > 40 and u > 0.75) else "nodular")
+            kind = "ring" if (vol > 60 and u < (0.5 if stress else 0.3)) else (
+                "irregular" if (vol > 30 and u > 0.7) else "nodular")
             amp = _draw_amplitude(rng, stress)
             t1f = rng.uniform(0.8, 1.0)
             u2 = rng.random()
             touch_p = 0.35 if stress else 0.12
             les = None
             if u2 < touch_p and anat.medullary:
-                # beside a deep medullary vein
-                c_pts, vr = anat.medullary[int(rng.integers(len(anat.medullary)))]
-                p = c_pts[int(rng.integers(len(c_pts) // 4, len(c_pts)))]
-                tang = c_pts[-1] - c_pts[0]
-                perp = np.cross(tang, rng.standard_normal(3))
-                perp /= np.linalg.norm(perp)
+                # beside a deep medullary vein (a few tries to find white matter with room)
                 r = (3 * vol / (4 * np.pi)) ** (1 / 3)
-                c = p + perp * (r + vr + rng.uniform(-0.3, 0.6))
-                ti = np.round(grid.to_index(c)).astype(int)
-                if (np.all(ti >= 0) and np.all(ti < grid.shape) and anat.tissue[tuple(ti)] == WM
-                        and placer.free(c, r, gap=1.0)):
-                    les = make(kind, vol, "deep", v, t1f, centre=c, touching="vessel")
+                for _ in range(12):
+                    c_pts, vr = anat.medullary[int(rng.integers(len(anat.medullary)))]
+                    p = c_pts[int(rng.integers(len(c_pts) // 4, len(c_pts)))]
+                    perp = np.cross(c_pts[-1] - c_pts[0], rng.standard_normal(3))
+                    perp /= np.linalg.norm(perp)
+                    c = p + perp * (r + vr + rng.uniform(-0.3, 0.6))
+                    ti = np.round(grid.to_index(c)).astype(int)
+                    if (np.all(ti >= 0) and np.all(ti < grid.shape) and anat.tissue[tuple(ti)] == WM
+                            and placer.free(c, r, gap=1.0)):
+                        les = make(kind, vol, "deep", v, t1f, centre=c, touching="vessel")
+                        break
             elif u2 < 2 * touch_p:
                 les = make(kind, vol, "ventricle", v, t1f, touching="ventricle")
             elif u2 < 2 * touch_p + (0.2 if stress else 0.08) and pair_dirs is not None:
@@ -793,20 +800,18 @@ def plan_lesions(rng: np.random.Generator, anat: Anatomy, weeks: list[int], *, s
                 vol2 = _draw_volume(rng, False)
                 r1 = (3 * vol / (4 * np.pi)) ** (1 / 3)
                 r2 = (3 * vol2 / (4 * np.pi)) ** (1 / 3)
-                first = make("nodular", vol, "deep", v, t1f, touching="pair")
+                first = make("nodular", vol, "deep", v, t1f, touching="pair", ratios=(1, 1, 1))
                 if first is not None:
                     d = pair_dirs[v]
                     gap_mm = rng.uniform(2.2, 3.0)
-                    c2 = first.centre + d * (r1 * 1.25 + r2 * 1.25 + gap_mm)
+                    c2 = first.centre + d * (r1 + r2 + gap_mm)
                     ti = np.round(grid.to_index(c2)).astype(int)
                     first.enhancement[v] = amp
+                    # the first lesion is already taken: only other lesions may block the second
                     if (np.all(ti >= 0) and np.all(ti < grid.shape) and anat.tissue[tuple(ti)] == WM
-                            and placer.free(c2, r2, gap=0.5 - r1 - r2 + np.linalg.norm(c2 - first.centre)
-                                            - r1 - 0.1)):
-                        # align the axes so the gap is measured along d
+                            and placer.free(c2, r2, gap=0.0)):
                         les = make("nodular", vol2, "deep", v, t1f, centre=c2, touching="pair",
-                                   axes_dir=np.eye(3))
-                        first.axes_note = "pair"
+                                   ratios=(1, 1, 1))
                     else:
                         les = None
                     if les is not None:
@@ -1018,7 +1023,7 @@ def to_nifti(data: np.ndarray, acq: Acquisition) -> nb.Nifti1Image:
     hdr = nb.Nifti1Header()
     storage = acq.storage
     peak = float(np.percentile(data, 99.99)) if data.size else 0.0
-    if storage == "int16" and not (50 < peak and float(data.max()) < 32000):
+    if storage == "int16" and not (20 < peak and float(data.max()) < 32000):
         storage = "int16_scaled"
     if storage == "int16":
         arr = np.round(data).astype(np.int16)
@@ -1172,11 +1177,14 @@ def write_dataset(bids_dir, truth_dir, *, n_subjects: int = 4, weeks=(0, 4, 12),
     for si in range(n_subjects):
         sub = f"sub-{si + 1:02d}"
         participants.append(sub)
-        rng = np.random.default_rng(int(subj_seeds[si]))
-        anat = make_anatomy(rng, size=size)
+        # independent streams: forcing a visit's design does not change the anatomy or lesions
+        anat_ss, design_ss, lesion_ss, noise_ss = np.random.SeedSequence(int(subj_seeds[si])).spawn(4)
+        anat = make_anatomy(np.random.default_rng(anat_ss), size=size)
+        noise_rng = np.random.default_rng(noise_ss)
         # design of every visit first: grids and poses (pairs of lesions need the post grid)
         design = []
-        for v, wk in enumerate(weeks):
+        for v, visit_ss in enumerate(design_ss.spawn(len(weeks))):
+            rng = np.random.default_rng(visit_ss)
             ov = overrides.get((si, v), {})
             has_pre = ov.get("has_pre", rng.random() >= p_post_only)
             grid = ov.get("grid", "2d" if rng.random() < p_2d else "3d")
@@ -1196,7 +1204,8 @@ def write_dataset(bids_dir, truth_dir, *, n_subjects: int = 4, weeks=(0, 4, 12),
             sl = post.rot.T @ (post.affine[:3, 2] / np.linalg.norm(post.affine[:3, 2]))
             d = np.cross(sl, rng.standard_normal(3))
             design.append({"post": post, "pre": pre, "pair_dir": d / np.linalg.norm(d)})
-        lesions = plan_lesions(rng, anat, weeks, stress=stress, pair_dirs=[d["pair_dir"] for d in design])
+        lesions = plan_lesions(np.random.default_rng(lesion_ss), anat, weeks, stress=stress,
+                               pair_dirs=[d["pair_dir"] for d in design])
         sess_rows = []
         for v, wk in enumerate(weeks):
             ses = f"ses-w{wk:02d}"
@@ -1210,7 +1219,7 @@ def write_dataset(bids_dir, truth_dir, *, n_subjects: int = 4, weeks=(0, 4, 12),
             if pre is not None:
                 scans.append((pre, pre_vol, f"{stem}_T1w", False))
             for acq, vol, name, is_post in scans:
-                img = finish_scan(rng, sample(vol, anat.grid.origin, acq), acq)
+                img = finish_scan(noise_rng, sample(vol, anat.grid.origin, acq), acq)
                 _save(to_nifti(img, acq), anat_dir / f"{name}.nii.gz")
                 side = {"MRAcquisitionType": acq.grid.upper(), "SliceThickness": float(acq.zooms[2]),
                         "MagneticFieldStrength": 3}

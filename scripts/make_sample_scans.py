@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lesionpipe.phantom import write_dataset
 
-SEED = 1
+SEED = 3
 #: (subject index, visit index) -> design forced for that visit
 OVERRIDES = {
     (0, 0): {"grid": "3d", "has_pre": True, "pre_grid": "2d"},
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         shutil.rmtree(args.out)
     summary = write_dataset(args.out, args.out / "derivatives" / "truth", n_subjects=3, weeks=(0, 4, 12),
                             seed=seed, size="small", storage="int16", overrides=OVERRIDES,
-                            gain_range=(40.0, 90.0), progress=print)
+                            gain_range=(25.0, 50.0), progress=print)
     total = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
     print(f"{summary['n_visits']} visits, {summary['total_gels']} GELs, {total / 1e6:.1f} MB")
     return 0
