@@ -177,8 +177,12 @@ def _cmd_phantoms(args) -> int:
     from lesionpipe.phantom import write_dataset
 
     truth = args.truth_dir or args.out_dir.resolve().parent / f"{args.out_dir.name}_truth"
+    if args.subjects < 1:
+        raise UsageError("--subjects must be >= 1")
+    if sorted(set(args.weeks)) != list(args.weeks) or min(args.weeks) < 0:
+        raise UsageError(f"--weeks must be increasing non-negative integers, got {args.weeks}")
     write_dataset(args.out_dir, truth, n_subjects=args.subjects, weeks=tuple(args.weeks),
-                  seed=args.seed, stress=args.stress, size=args.size)
+                  seed=args.seed, stress=args.stress, size=args.size, progress=LOG.info)
     print(f"dataset: {args.out_dir}\ntruth:   {truth}")
     return 0
 

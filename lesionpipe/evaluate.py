@@ -39,7 +39,7 @@ VOLUME_BINS = [(0, 20, "<20"), (20, 50, "20-50"), (50, 100, "50-100"), (100, 500
                (500, math.inf, ">=500")]
 CONTRAST_BINS = [(0, 25, "<25%"), (25, 50, "25-50%"), (50, 75, "50-75%"), (75, math.inf, ">=75%")]
 MIMIC_NAMES = {0: "none", 1: "vessel", 2: "sinus_or_falx", 3: "dura", 4: "choroid_plexus",
-               5: "non_enhancing_lesion"}
+               5: "non_enhancing_lesion", 6: "fat_or_marrow"}
 STRICT_FRACTION = 0.25
 MAX_CROPS = 60
 
@@ -339,8 +339,22 @@ def evaluate_outputs(output_dir, truth_dir, *, out_dir=None, bids_dir=None,
     _write_tsv(out_dir / "evaluation_visits.tsv", visits)
     _write_tsv(out_dir / "evaluation_lesions.tsv", lesion_rows)
     atomic_write_text(out_dir / "evaluation.html",
-                      _html(report, crops[:max_crops], len(crops), output_dir, truth_dir, bids_dir))
+                      _html(report, _pick_crops(crops, max_crops), len(crops), output_dir, truth_dir,
+                            bids_dir))
     return report
+
+
+def _pick_crops(crops: list, cap: int) -> list:
+    """Largest misses and largest false positives, half the page each when both are plentiful."""
+    def size(c):
+        return -float(c[4]["volume_mm3"]) if c[4]["volume_mm3"] == c[4]["volume_mm3"] else 0.0
+
+    misses = sorted((c for c in crops if c[0] == "miss"), key=size)
+    fps = sorted((c for c in crops if c[0] != "miss"), key=size)
+    n_miss = min(len(misses), max(cap // 2, cap - len(fps)))
+    chosen = misses[:n_miss] + fps[:cap - n_miss]
+    # one visit after another, so each visit's images are loaded once
+    return sorted(chosen, key=lambda c: (c[1], c[2], c[0]))
 
 
 def _truth_row(sub, ses, tc, info, r) -> dict:
@@ -482,7 +496,7 @@ def _crop_png(post, pre, truth, pred, centre, title) -> str:
     panels = [("post", post[sl])]
     if pre is not None and pre.shape == post.shape:
         panels.append(("post - pre", post[sl] - pre[sl]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.2), squeeze=False)
     for ax, (name, img) in zip(axes[0], panels):
         lo, hi = np.percentile(img, [1, 99.5]) if img.size else (0, 1)
         ax.imshow(img.T, origin="lower", cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1,

@@ -46,9 +46,9 @@ T1_ENH = np.array([0.0, 0.0, 0.04, 0.0, 0.02, 0.0, 0.7, 0.0, 0.08, 0.0, 0.12, 0.
                   np.float32)
 
 # --- enhancing mimics on the post grid (label-mimics truth image) ----------------------------------
-MIMIC_VESSEL, MIMIC_SINUS, MIMIC_DURA, MIMIC_CHOROID, MIMIC_NONENH = 1, 2, 3, 4, 5
+MIMIC_VESSEL, MIMIC_SINUS, MIMIC_DURA, MIMIC_CHOROID, MIMIC_NONENH, MIMIC_FAT = 1, 2, 3, 4, 5, 6
 MIMIC_NAMES = {1: "vessel", 2: "sinus_or_falx", 3: "dura", 4: "choroid_plexus",
-               5: "non_enhancing_lesion"}
+               5: "non_enhancing_lesion", 6: "fat_or_marrow"}
 
 #: the pipeline's counting rule (lesionpipe.settings defaults)
 MIN_VOXELS, MIN_VOLUME_MM3 = 3, 10.0
@@ -425,6 +425,7 @@ def make_anatomy(rng: np.random.Generator, *, size: str = "full") -> Anatomy:
     pre *= 1 + 0.025 * _smooth_noise(rng, shape, 6 * s)  # tissue texture
     enh = T1_ENH[tissue].copy()
     mimic = np.zeros(shape, np.uint8)
+    mimic[(tissue == FAT) | (tissue == MARROW)] = MIMIC_FAT  # bright without contrast
     # patchy dura
     dura = tissue == DURA
     patch = np.clip(0.7 + 0.45 * _smooth_noise(rng, shape, 12 * s), 0.15, 1.4)
@@ -879,6 +880,8 @@ class Acquisition:
     snr: float = 25.0
     gain: float = 1.0
     storage: str = "float32"
+    gamma: float = 1.0        # sequence contrast: intensities are raised to this power
+    noise_corr: float = 0.0   # spatial correlation of the noise (Gaussian sigma, voxels)
 
     @property
     def n_sub(self) -> int:
@@ -926,7 +929,8 @@ def draw_acquisition(rng, *, size: str, stress: bool, grid: str | None = None, p
                        affine=aff, orientation=orientation, rot=rot, trans=trans,
                        bias_amp=float(rng.uniform(0.3, 0.45) if stress else rng.uniform(0.1, 0.35)),
                        snr=float(rng.uniform(8, 16) if stress else rng.uniform(15, 40)),
-                       gain=float(10 ** rng.uniform(*np.log10(gain_range))), storage=storage)
+                       gain=float(10 ** rng.uniform(*np.log10(gain_range))), storage=storage,
+                       gamma=float(rng.uniform(0.85, 1.2)), noise_corr=float(rng.uniform(0.0, 0.7)))
 
 
 def draw_pose(rng, max_deg: float, max_mm: float, base=None):
@@ -1009,11 +1013,23 @@ def bias_field(rng, shape, amp: float) -> np.ndarray:
 
 
 def finish_scan(rng, clean: np.ndarray, acq: Acquisition) -> np.ndarray:
-    """Bias field, Rician noise (sigma = 1/SNR of white matter) and scanner gain."""
-    img = clean * bias_field(rng, clean.shape, acq.bias_amp)
+    """Sequence contrast, bias field, Rician noise (sigma = 1/SNR of white matter), scanner gain.
+
+    The two Gaussian channels of the noise are optionally smoothed (k-space filtering and
+    zero-filling make real noise spatially correlated) and rescaled to the same sigma.
+    """
+    img = np.power(np.maximum(clean, 0), acq.gamma, dtype=np.float32) if acq.gamma != 1 else clean
+    img = img * bias_field(rng, clean.shape, acq.bias_amp)
     sigma = 1.0 / acq.snr
-    n1 = rng.standard_normal(img.shape, dtype=np.float32) * sigma
-    n2 = rng.standard_normal(img.shape, dtype=np.float32) * sigma
+
+    def channel():
+        n = rng.standard_normal(img.shape, dtype=np.float32)
+        if acq.noise_corr > 0.05:
+            n = ndi.gaussian_filter(n, (acq.noise_corr, acq.noise_corr, 0))
+            n /= max(float(n.std()), 1e-6)
+        return n * sigma
+
+    n1, n2 = channel(), channel()
     img = np.sqrt((img + n1) ** 2 + n2 ** 2)
     return (img * acq.gain).astype(np.float32)
 

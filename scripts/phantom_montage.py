@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     # one grid and pose for both scans so post - pre shows enhancement only (display only)
     pose = (P._rotation((4, 0, 2)), np.array([1.0, -2.0, 0.0]))
     acq = P.draw_acquisition(rng, size="full", stress=False, grid="3d", pose=pose, storage="float32")
-    acq.snr, acq.bias_amp, acq.gain = 30.0, 0.15, 1.0
+    acq.snr, acq.bias_amp, acq.gain, acq.gamma, acq.noise_corr = 30.0, 0.15, 1.0, 1.0, 0.0
     state = np.random.default_rng(1)
     pre = P.finish_scan(state, P.sample(pre_vol, anat.grid.origin, acq), acq)
     state = np.random.default_rng(1)
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
             ax.set_yticks([])
             ax.set_title(f"{name} ({'axial' if col == 0 else 'coronal'})", fontsize=8)
     fig.tight_layout()
-    fig.savefig(args.out, dpi=70)
+    fig.savefig(args.out, dpi=52)
     print(f"wrote {args.out} ({len(rows)} enhancing lesions)")
     return 0
 
