@@ -23,7 +23,7 @@ def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("phantoms")
     overrides = {(0, 0): {"grid": "3d", "has_pre": True, "pre_grid": "3d"},
                  (0, 1): {"grid": "2d", "has_pre": False}}
-    summary = P.write_dataset(root / "bids", root / "truth", n_subjects=1, weeks=(0, 4), seed=11,
+    summary = P.write_dataset(root / "bids", root / "truth", n_subjects=1, weeks=(0, 4), seed=15,
                               size="small", overrides=overrides)
     return root, summary
 
@@ -52,7 +52,7 @@ def test_bids_layout_and_truth_tables(dataset):
     assert [r["has_pre"] for r in counts] == ["1", "0"]
     assert [r["grid"] for r in counts] == ["3d", "2d"]
     gen = json.loads((truth / "generation.json").read_text())
-    assert gen["seed"] == 11 and gen["total_gels"] == summary["total_gels"]
+    assert gen["seed"] == 15 and gen["total_gels"] == summary["total_gels"]
 
 
 def test_truth_counts_equal_labels(dataset):
@@ -77,6 +77,25 @@ def test_truth_counts_equal_labels(dataset):
         assert int(row["gel_count"]) == sum(int(r["counted"]) for r in mine)
 
 
+def test_truth_sits_on_the_enhancing_lesions(dataset):
+    """Image and truth are aligned: truth voxels are brighter on post than the tissue around them."""
+    root, _ = dataset
+    counts = _read_tsv(root / "truth" / "truth_counts.tsv")
+    checked = 0
+    for row in counts:
+        sub, ses = row["participant_id"], row["session_id"]
+        lab = np.asarray(nb.load(root / "truth" / sub / ses / f"{sub}_{ses}_label-GEL_dseg.nii.gz").dataobj)
+        if int(row["gel_count"]) == 0:
+            continue
+        post = nb.load(root / "bids" / sub / ses / "anat" / f"{sub}_{ses}_ce-gadolinium_T1w.nii.gz").get_fdata()
+        inside = lab > 0
+        ring = ndi.binary_dilation(inside, np.ones((3, 3, 1)), iterations=3) & ~ndi.binary_dilation(
+            inside, np.ones((3, 3, 1)))
+        assert np.median(post[inside]) > 1.05 * np.median(post[ring])
+        checked += 1
+    assert checked >= 1
+
+
 def test_grids_and_no_nan(dataset):
     root, _ = dataset
     post0 = nb.load(root / "bids/sub-01/ses-w00/anat/sub-01_ses-w00_ce-gadolinium_T1w.nii.gz")
@@ -95,7 +114,7 @@ def test_reproducible_with_seed(tmp_path, dataset):
     root, _ = dataset
     overrides = {(0, 0): {"grid": "3d", "has_pre": True, "pre_grid": "3d"},
                  (0, 1): {"grid": "2d", "has_pre": False}}
-    P.write_dataset(tmp_path / "bids", tmp_path / "truth", n_subjects=1, weeks=(0, 4), seed=11,
+    P.write_dataset(tmp_path / "bids", tmp_path / "truth", n_subjects=1, weeks=(0, 4), seed=15,
                     size="small", overrides=overrides)
     for rel in ("truth/truth_counts.tsv", "truth/truth_lesions.tsv",
                 "bids/sub-01/ses-w04/anat/sub-01_ses-w04_ce-gadolinium_T1w.nii.gz"):
