@@ -1066,7 +1066,7 @@ def truth_labels(anat: Anatomy, lesions: list[Lesion], v: int, acq: Acquisition)
 
     Each lesion's own occupancy is resampled (with the same thick-slice averaging as the image) and
     kept where it is >= 0.5 (a lesion that nowhere reaches 0.5 keeps the voxels above 80 % of its
-    peak when the peak is >= 0.2); a voxel claimed by two lesions goes to the larger occupancy, so
+    peak when the peak is >= 0.2, and is never counted); a voxel claimed by two lesions goes to the larger occupancy, so
     lesions that touch after resampling keep separate labels. Lesions that leave no voxel are
     dropped.
     """
@@ -1096,7 +1096,8 @@ def truth_labels(anat: Anatomy, lesions: list[Lesion], v: int, acq: Acquisition)
         lab = labels[box]
         lab[sel] = nxt
         best[box][sel] = occ[sel]
-        rows.append({"lesion_id": nxt, "uid": les.uid, "kind": les.kind, "amp": amp, "les": les})
+        rows.append({"lesion_id": nxt, "uid": les.uid, "kind": les.kind, "amp": amp, "les": les,
+                     "partial": peak < 0.5})
         nxt += 1
     # recount after possible take-overs, compute centroids
     out = []
@@ -1111,7 +1112,7 @@ def truth_labels(anat: Anatomy, lesions: list[Lesion], v: int, acq: Acquisition)
         out.append({
             "lesion_id": row["lesion_id"], "n_voxels": n, "volume_mm3": round(n * vox_vol, 2),
             "enhancement_pct": round(100 * row["amp"], 1), "kind": les.kind,
-            "counted": int(n >= MIN_VOXELS and n * vox_vol >= MIN_VOLUME_MM3),
+            "counted": int(n >= MIN_VOXELS and n * vox_vol >= MIN_VOLUME_MM3 and not row["partial"]),
             "new": int(les.onset == v), "site": les.site, "touching": les.touching or "none",
             "centroid_x": round(float(world[0]), 2), "centroid_y": round(float(world[1]), 2),
             "centroid_z": round(float(world[2]), 2), "subject_lesion": les.uid,
