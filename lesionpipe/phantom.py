@@ -423,6 +423,8 @@ def make_anatomy(rng: np.random.Generator, *, size: str = "full") -> Anatomy:
     jitter[WM] = 1.0
     pre = (T1_PRE * jitter)[tissue]
     pre *= 1 + 0.025 * _smooth_noise(rng, shape, 6 * s)  # tissue texture
+    wm_like = (tissue == WM) | (tissue == DGM)
+    pre[wm_like] *= (1 + 0.035 * _smooth_noise(rng, shape, 18 * s))[wm_like]  # regional WM variation
     enh = T1_ENH[tissue].copy()
     mimic = np.zeros(shape, np.uint8)
     mimic[(tissue == FAT) | (tissue == MARROW)] = MIMIC_FAT  # bright without contrast
@@ -671,10 +673,41 @@ def _lesion_shape(rng: np.random.Generator, grid: SubjectGrid, centre: np.ndarra
         wall = rng.uniform(0.22, 0.35)
         centre_level = rng.uniform(0.1, 0.35)
         rim = np.clip(np.exp(-((rho - (1 - wall / 2)) / (wall * 0.6)) ** 2), 0, 1)
-        rim = (centre_level + (1 - centre_level) * np.where(rho > 1 - wall / 2, 1.0, rim)) * occ
+        rim = centre_level + (1 - centre_level) * np.where(rho > 1 - wall / 2, 1.0, rim)
+        if rng.random() < 0.5:
+            # open ring: the rim fades over one side (typical of demyelinating lesions)
+            side = rng.standard_normal(3)
+            side /= np.linalg.norm(side)
+            proj = (rel[0] * side[0] + rel[1] * side[1] + rel[2] * side[2]) / r0
+            rim = rim * np.clip(0.5 + 1.5 * proj, 0.35, 1.0) ** 1.0
+        rim = rim * occ
     else:
         rim = occ * np.clip(1.15 - 0.3 * rho ** 2, 0.6, 1.0)
     return box, occ, rim.astype(np.float32), float(occ.sum())
+
+
+def _gradient_at(field: np.ndarray, idx) -> np.ndarray:
+    """Central-difference gradient of ``field`` at fractional index ``idx``."""
+    idx = np.asarray(idx, float)
+    g = np.zeros(3)
+    for a in range(3):
+        e = np.zeros(3)
+        e[a] = 1
+        hi = ndi.map_coordinates(field, (idx + e)[:, None], order=1, mode="nearest")[0]
+        lo = ndi.map_coordinates(field, (idx - e)[:, None], order=1, mode="nearest")[0]
+        g[a] = (hi - lo) / 2
+    return g
+
+
+def _frame(direction, rng) -> np.ndarray:
+    """Rotation matrix whose first column is ``direction`` (random when degenerate)."""
+    d = np.asarray(direction, float)
+    if np.linalg.norm(d) < 1e-6:
+        d = rng.standard_normal(3)
+    d = d / np.linalg.norm(d)
+    t = np.cross(d, rng.standard_normal(3))
+    t /= np.linalg.norm(t)
+    return np.stack([d, t, np.cross(d, t)], axis=1)
 
 
 def _log_uniform(rng, lo, hi):
@@ -748,7 +781,12 @@ def plan_lesions(rng: np.random.Generator, anat: Anatomy, weeks: list[int], *, s
             centre = placer.pick(r * (1.3 if kind == "irregular" else 1.0), site)
             if centre is None:
                 return None
-        box, occ, rim, vol = _lesion_shape(rng, grid, centre, volume, kind, ratios=ratios)
+        axes = None
+        if site in ("periventricular", "ventricle") and ratios is None and kind != "irregular":
+            # ovoid with its long axis pointing away from the ventricle ("Dawson's finger")
+            axes = _frame(_gradient_at(anat.vent_dist, (centre - grid.origin) / 2.0), rng)
+            ratios = (rng.uniform(1.3, 1.8), 1.0, 1.0)
+        box, occ, rim, vol = _lesion_shape(rng, grid, centre, volume, kind, axes_dir=axes, ratios=ratios)
         placer.taken.append((centre, r * (1.4 if kind == "irregular" else 1.0)))
         les = Lesion(uid=len(lesions) + 1, kind=kind, centre=centre, box=box, occ=occ, rim=rim,
                      volume_mm3=vol, t1_factor=t1_factor, onset=onset, enhancement={}, site=site,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lesionpipe.phantom import write_dataset
 
-SEED = 3
+SEED = 9
 #: (subject index, visit index) -> design forced for that visit
 OVERRIDES = {
     (0, 0): {"grid": "3d", "has_pre": True, "pre_grid": "2d"},
