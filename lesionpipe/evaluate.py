@@ -114,8 +114,8 @@ def match_lesions(truth: np.ndarray, pred: np.ndarray, counted: dict[int, bool])
         uniq, cnt = np.unique(key, return_counts=True)
         for k, c in zip(uniq.tolist(), cnt.tolist()):
             pairs[(k // (int(pred.max()) + 1), k % (int(pred.max()) + 1))] = c
-    t_size = dict(zip(t_ids, ndi.sum_labels(np.ones_like(truth), truth, t_ids).astype(int).tolist())) if t_ids else {}
-    p_size = dict(zip(p_ids, ndi.sum_labels(np.ones_like(pred), pred, p_ids).astype(int).tolist())) if p_ids else {}
+    t_size = _sizes(truth, t_ids)
+    p_size = _sizes(pred, p_ids)
     truth_rows = []
     for t in t_ids:
         over = {p: c for (tt, p), c in pairs.items() if tt == t}
@@ -136,10 +136,17 @@ def match_lesions(truth: np.ndarray, pred: np.ndarray, counted: dict[int, bool])
         else:
             status = "fp"
         pred_rows.append({"label": p, "n_voxels": p_size[p], "status": status,
-                          "n_truth_overlapping": len(over), "merged": sum(counted.get(t, True) for t in over) >= 2})
+                          "n_truth_overlapping": len(over),
+                          "merged": sum(counted.get(t, True) for t in over) >= 2})
     inter = int(both.sum())
     return {"truth": truth_rows, "pred": pred_rows, "intersection": inter,
             "truth_voxels": int((truth > 0).sum()), "pred_voxels": int((pred > 0).sum())}
+
+
+def _sizes(labels: np.ndarray, ids: list[int]) -> dict[int, int]:
+    if not ids:
+        return {}
+    return dict(zip(ids, ndi.sum_labels(np.ones_like(labels), labels, ids).astype(int).tolist()))
 
 
 def _dice(inter: int, a: int, b: int):
@@ -189,7 +196,8 @@ class EvaluationReport:
             f"  split truth lesions {o['n_split']}, merged predictions {o['n_merged']}",
         ]
         if o["fp_by_mimic"]:
-            lines.append("  false positives on: " + ", ".join(f"{k} {v}" for k, v in o["fp_by_mimic"].items()))
+            lines.append("  false positives on: "
+                         + ", ".join(f"{k} {v}" for k, v in o["fp_by_mimic"].items()))
         for name, table in m["breakdown"].items():
             lines.append(f"  by {name}:")
             for key, row in table.items():
@@ -402,7 +410,8 @@ def _metrics(visits: list[dict], rows: list[dict], pooled) -> dict:
         "sensitivity_strict": (sum(r["detected_strict"] for r in truth) / len(truth)) if truth else None,
         "sensitivity_ok_visits": (sum(r["detected"] for r in truth_ok) / len(truth_ok)) if truth_ok else None,
         "n_truth_in_failed_visits": len(truth) - len(truth_ok),
-        "precision": (sum(r["pred_status"] == "tp" for r in preds) / n_pred_scored) if n_pred_scored else None,
+        "precision": (sum(r["pred_status"] == "tp" for r in preds) / n_pred_scored)
+        if n_pred_scored else None,
         "n_fp": sum(r["pred_status"] == "fp" for r in preds),
         "n_pred_matching_uncounted_truth": sum(r["pred_status"] == "uncounted" for r in preds),
         "fp_per_scan": (sum(v["n_fp"] for v in ok) / len(ok)) if ok else None,
@@ -520,8 +529,8 @@ def _html(report: EvaluationReport, crops, n_crops_total, output_dir, truth_dir,
              "figure{display:inline-block;margin:.4em;vertical-align:top}figcaption{font-size:12px;"
              "max-width:380px}</style></head><body><h1>lesionpipe evaluation</h1>",
              f"<pre>{html.escape(report.summary_text())}</pre>",
-             "<p>Green outline: truth lesion; red outline: predicted lesion. Axial slice of the post-contrast "
-             "grid through the lesion centre.</p>"]
+             "<p>Green outline: truth lesion; red outline: predicted lesion. Axial slice of the "
+             "post-contrast grid through the lesion centre.</p>"]
     parts.append(f"<h2>Misses and false positives ({len(crops)} of {n_crops_total} shown)</h2>")
     cache: dict = {}
     for kind, sub, ses, centre, row in crops:
@@ -542,7 +551,8 @@ def _html(report: EvaluationReport, crops, n_crops_total, output_dir, truth_dir,
                 + (f", enhancement {row['enhancement_pct']}%, {row['kind']}" if kind == "miss" else
                    f", on {row['fp_on']}"))
         if post is None or post.shape != (truth.shape if truth is not None else post.shape):
-            parts.append(f"<figure><figcaption>{html.escape(desc)} (no image available)</figcaption></figure>")
+            parts.append(f"<figure><figcaption>{html.escape(desc)} (no image available)"
+                         "</figcaption></figure>")
             continue
         png = _crop_png(post, pre, truth, pred, centre, f"{sub} {ses} #{row['lesion_id']}")
         parts.append(f"<figure><img src='data:image/png;base64,{png}' alt='{html.escape(desc)}'>"
@@ -554,7 +564,8 @@ def _html(report: EvaluationReport, crops, n_crops_total, output_dir, truth_dir,
     for v in report.visits:
         dice = "n/a" if v["dice"] is None else f"{v['dice']:.2f}"
         parts.append("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in (
-            f"{v['participant_id']} {v['session_id']}", v["status"] + (f": {v['error']}" if v["error"] else ""),
+            f"{v['participant_id']} {v['session_id']}",
+            v["status"] + (f": {v['error']}" if v["error"] else ""),
             v["grid"], v["has_pre"], v["truth_count"], "n/a" if v["pred_count"] is None else v["pred_count"],
             "n/a" if v["count_error"] is None else f"{v['count_error']:+d}", dice)) + "</tr>")
     parts.append("</table><h2>Metrics (evaluation.json)</h2><pre>"

@@ -292,7 +292,6 @@ def make_anatomy(rng: np.random.Generator, *, size: str = "full") -> Anatomy:
                 * np.clip(1 - np.abs(z - 0.1 * cer_semi[2]) / (0.6 * cer_semi[2]), 0, 1)).astype(np.float32)
     t_musc = 1.0 + temporal * s
     t_skin = np.float32(1.6)
-    edges = np.cumsum([0, 1])  # placeholder to keep names short below
     b0 = t_csf
     b1 = b0 + t_dura
     b2 = b1 + t_inner
@@ -301,7 +300,6 @@ def make_anatomy(rng: np.random.Generator, *, size: str = "full") -> Anatomy:
     b5 = b4 + t_fat
     b6 = b5 + t_musc
     b7 = b6 + t_skin
-    del edges
     tissue[d_brain < b7] = SKIN
     tissue[d_brain < b6] = MUSCLE
     tissue[d_brain < b5] = FAT
@@ -413,7 +411,8 @@ def make_anatomy(rng: np.random.Generator, *, size: str = "full") -> Anatomy:
             np.minimum(vn, q, out=vn)
     vent_local = vn < 1
     # third ventricle
-    third = (np.abs(xb) < 2.2 * vs * max(s, 0.85)) & (np.abs(yb + 4 * s) < 14 * s) & (np.abs(zb + 4 * s) < 9 * s)
+    third = ((np.abs(xb) < 2.2 * vs * max(s, 0.85)) & (np.abs(yb + 4 * s) < 14 * s)
+             & (np.abs(zb + 4 * s) < 9 * s))
     sub = tissue[box]
     sub[(vent_local | third) & (in_cerebrum[box] | in_stem[box])] = VENT
     tissue[box] = sub
@@ -529,7 +528,8 @@ def make_anatomy(rng: np.random.Generator, *, size: str = "full") -> Anatomy:
         pts, rx, rz = vent_curves[int(rng.integers(2))]
         i = int(rng.integers(0, int(len(pts) * 0.7)))
         centre = pts[i]
-        out_dir = np.array([np.sign(centre[0]) * rng.uniform(0.3, 1), rng.normal(0, 0.4), rng.uniform(0.2, 1)])
+        out_dir = np.array([np.sign(centre[0]) * rng.uniform(0.3, 1), rng.normal(0, 0.4),
+                            rng.uniform(0.2, 1)])
         out_dir /= np.linalg.norm(out_dir)
         p0 = centre + out_dir * (rz[i] + 0.5)
         c = _smooth_curve(rng, p0, out_dir, sj(12, 30) * s, wiggle=0.03)
@@ -1104,9 +1104,9 @@ def truth_labels(anat: Anatomy, lesions: list[Lesion], v: int, acq: Acquisition)
 
     Each lesion's own occupancy is resampled (with the same thick-slice averaging as the image) and
     kept where it is >= 0.5 (a lesion that nowhere reaches 0.5 keeps the voxels above 80 % of its
-    peak when the peak is >= 0.2, and is never counted); a voxel claimed by two lesions goes to the larger occupancy, so
-    lesions that touch after resampling keep separate labels. Lesions that leave no voxel are
-    dropped.
+    peak when the peak is >= 0.2, and is never counted); a voxel claimed by two lesions goes to the
+    larger occupancy, so lesions that touch after resampling keep separate labels. Lesions that
+    leave no voxel are dropped.
     """
     labels = np.zeros(acq.shape, np.int16)
     best = np.zeros(acq.shape, np.float32)

@@ -22,7 +22,8 @@ from lesionpipe import phantom as P  # noqa: E402
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "phantom_montage.png")
+    ap.add_argument("--out", type=Path,
+                    default=Path(__file__).resolve().parents[1] / "docs" / "phantom_montage.png")
     ap.add_argument("--seed", type=int, default=3)
     args = ap.parse_args(argv)
     rng = np.random.default_rng(args.seed)

@@ -87,7 +87,8 @@ def test_truth_sits_on_the_enhancing_lesions(dataset):
         lab = np.asarray(nb.load(root / "truth" / sub / ses / f"{sub}_{ses}_label-GEL_dseg.nii.gz").dataobj)
         if int(row["gel_count"]) == 0:
             continue
-        post = nb.load(root / "bids" / sub / ses / "anat" / f"{sub}_{ses}_ce-gadolinium_T1w.nii.gz").get_fdata()
+        anat = root / "bids" / sub / ses / "anat"
+        post = nb.load(anat / f"{sub}_{ses}_ce-gadolinium_T1w.nii.gz").get_fdata()
         inside = lab > 0
         ring = ndi.binary_dilation(inside, np.ones((3, 3, 1)), iterations=3) & ~ndi.binary_dilation(
             inside, np.ones((3, 3, 1)))
