@@ -543,12 +543,17 @@ def make_anatomy(rng: np.random.Generator, *, size: str = "full") -> Anatomy:
         seg = pts[int(0.3 * n):int(0.93 * n)]
         off = np.array([-np.sign(seg[0, 0]) * 1.5, 0, -1.2]) * s
         seg = seg + off + ndi.gaussian_filter1d(rng.standard_normal(seg.shape), 8, axis=0) * 3
-        chor_curves.append((to_idx(seg), sj(1.0, 1.6), 1.0))
+        # patchy strand: pieces of 5-20 mm with gaps, so parts look like separate blobs
+        i = int(rng.integers(0, 10))
+        while i < len(seg) - 4:
+            n_piece = int(rng.uniform(10, 40))
+            chor_curves.append((to_idx(seg[i:i + n_piece]), sj(0.8, 1.6), 1.0))
+            i += n_piece + int(rng.uniform(6, 16))
         glom = pts[int(0.52 * n)] + off
         for _ in range(int(rng.integers(3, 7))):
             blob = glom + rng.normal(0, 2.5, 3) * vs
             chor_curves.append((to_idx(_smooth_curve(rng, blob, rng.standard_normal(3), sj(3, 8) * vs)),
-                                sj(1.5, 3.2) * min(vs, 1.2), 1.0))
+                                sj(1.2, 2.4) * min(vs, 1.2), 1.0))
     chor = _splat_tubes(shape, chor_curves)
     vent_grow = ndi.binary_dilation(tissue == VENT, iterations=1)
     chor = np.where(vent_grow, np.clip(chor * 1.3, 0, 1), 0).astype(np.float32)
