@@ -585,6 +585,24 @@ def make_anatomy(rng: np.random.Generator, *, size: str = "full") -> Anatomy:
         mimic[occ > 0.4] = kind
         del field_amp, occ, sel_mask
 
+    # perivascular spaces: short thin CSF-filled tubes in the basal ganglia and centrum semiovale
+    # (dark on both scans, never enhancing)
+    pvs = []
+    n_pvs = int(rng.integers(15, 60))
+    for _ in range(n_pvs):
+        if rng.random() < 0.5:
+            c0 = np.array([rng.choice([-1, 1]) * rng.uniform(12, 26), rng.uniform(-5, 15),
+                           rng.uniform(-8, 4)])
+        else:
+            c0 = np.array([rng.choice([-1, 1]) * rng.uniform(8, 35), rng.uniform(-35, 30),
+                           rng.uniform(18, 38)])
+        pvs.append((to_idx(_smooth_curve(rng, c0 * s, [0.2 * rng.normal(), 0.2 * rng.normal(), 1],
+                                         sj(3, 10), wiggle=0.03)), 0.45, 1.0))
+    pocc = np.clip(_splat_tubes(shape, pvs) * 1.2, 0, 1)
+    pocc = np.where(in_cerebrum & ((tissue == WM) | (tissue == DGM)), pocc, 0).astype(np.float32)
+    pre = pre * (1 - pocc) + pocc * T1_PRE[CSF]
+    del pocc
+
     # light blur removes staircase edges of the class map
     pre = ndi.gaussian_filter(pre, 0.45).astype(np.float32)
     enh = ndi.gaussian_filter(enh, 0.35).astype(np.float32)

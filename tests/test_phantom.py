@@ -220,6 +220,16 @@ def test_storage_types():
     assert img.get_data_dtype() == np.float32
 
 
+def test_stress_set_is_harder(tmp_path):
+    P.write_dataset(tmp_path / "b", tmp_path / "t", n_subjects=1, weeks=(0,), seed=3, stress=True,
+                    size="small", overrides={(0, 0): {"grid": "2d", "has_pre": True}})
+    row = _read_tsv(tmp_path / "t" / "truth_counts.tsv")[0]
+    assert float(row["snr_post"]) <= 16 and float(row["bias_post"]) >= 0.3
+    assert int(row["gel_count"]) >= 1
+    gen = json.loads((tmp_path / "t" / "generation.json").read_text())
+    assert gen["stress"] is True
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="size"):
         P.write_dataset(tmp_path / "b", tmp_path / "t", size="huge")
