@@ -971,13 +971,15 @@ def make_grid(*, grid: str, size: str, thickness: float, orientation: str, obliq
 
 
 def draw_acquisition(rng, *, size: str, stress: bool, grid: str | None = None, pose=None,
-                     storage: str | None = None, gain_range=(0.01, 5000.0)) -> Acquisition:
+                     storage: str | None = None, gain_range=(0.01, 5000.0),
+                     thickness: float | None = None) -> Acquisition:
     if grid is None:
         grid = "2d" if rng.random() < 0.4 else "3d"
-    thickness = 1.0
+    drawn = 1.0
     if grid == "2d":
-        thickness = float(rng.choice([5.0, 6.0])) if stress and rng.random() < 0.6 else (
+        drawn = float(rng.choice([5.0, 6.0])) if stress and rng.random() < 0.6 else (
             3.0 if rng.random() < 0.8 else 5.0)
+    thickness = 1.0 if grid == "3d" else float(thickness or drawn)
     orientation = str(rng.choice(["RAS", "LAS", "LPS", "oblique"], p=[0.3, 0.3, 0.2, 0.2]))
     obl = (rng.uniform(-15, 15), rng.uniform(-5, 5), rng.uniform(-5, 5))
     centre = np.array([0.0, 0.0, -4.0]) + rng.uniform(-4, 4, 3)
@@ -1233,7 +1235,8 @@ def write_dataset(bids_dir, truth_dir, *, n_subjects: int = 4, weeks=(0, 4, 12),
     """Write a synthetic BIDS dataset to ``bids_dir`` and its ground truth to ``truth_dir``.
 
     ``overrides`` maps ``(subject_index, visit_index)`` to a dict with any of ``grid`` ('3d'/'2d'),
-    ``pre_grid``, ``has_pre`` (bool), forcing that visit's design (used for the sample dataset).
+    ``pre_grid``, ``has_pre`` (bool), ``thickness``, ``pre_thickness`` (mm, 2-D scans), forcing that
+    visit's design (used for the sample dataset).
     ``storage`` forces 'float32', 'int16' or 'int16_scaled' for every scan; ``gain_range`` bounds
     the arbitrary scanner gain (white matter intensity before noise).
     Returns a summary dict (also written to ``truth_dir/generation.json``).
@@ -1275,11 +1278,12 @@ def write_dataset(bids_dir, truth_dir, *, n_subjects: int = 4, weeks=(0, 4, 12),
             pre_grid = ov.get("pre_grid", grid if rng.random() > 0.12 else ("3d" if grid == "2d" else "2d"))
             vpose = draw_pose(rng, 8 if stress else 4, 10 if stress else 6)
             post = draw_acquisition(rng, size=size, stress=stress, grid=grid, pose=vpose, storage=storage,
-                                    gain_range=gain_range)
+                                    gain_range=gain_range, thickness=ov.get("thickness"))
             ppose = draw_pose(rng, 7 if stress else 5, 9 if stress else 6, base=vpose)
             pre = draw_acquisition(rng, size=size, stress=stress, grid=pre_grid, pose=ppose,
-                                   storage=storage, gain_range=gain_range) if has_pre else None
-            if pre is not None and rng.random() < 0.6:
+                                   storage=storage, gain_range=gain_range,
+                                   thickness=ov.get("pre_thickness")) if has_pre else None
+            if pre is not None and rng.random() < 0.6 and pre.grid == post.grid:
                 # same protocol for pre and post in most visits
                 pre.affine, pre.shape, pre.zooms, pre.orientation = (post.affine, post.shape, post.zooms,
                                                                      post.orientation)

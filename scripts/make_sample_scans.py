@@ -21,15 +21,15 @@ from lesionpipe.phantom import write_dataset
 SEED = 9
 #: (subject index, visit index) -> design forced for that visit
 OVERRIDES = {
-    (0, 0): {"grid": "3d", "has_pre": True, "pre_grid": "2d"},
-    (0, 1): {"grid": "2d", "has_pre": True, "pre_grid": "2d"},
+    (0, 0): {"grid": "3d", "has_pre": True, "pre_grid": "2d", "pre_thickness": 3.0},
+    (0, 1): {"grid": "2d", "has_pre": True, "pre_grid": "2d", "thickness": 3.0, "pre_thickness": 3.0},
     (0, 2): {"grid": "3d", "has_pre": False},
-    (1, 0): {"grid": "2d", "has_pre": True, "pre_grid": "2d"},
-    (1, 1): {"grid": "3d", "has_pre": True, "pre_grid": "2d"},
-    (1, 2): {"grid": "2d", "has_pre": False},
-    (2, 0): {"grid": "2d", "has_pre": True, "pre_grid": "2d"},
-    (2, 1): {"grid": "2d", "has_pre": True, "pre_grid": "2d"},
-    (2, 2): {"grid": "2d", "has_pre": True, "pre_grid": "2d"},
+    (1, 0): {"grid": "2d", "has_pre": True, "pre_grid": "2d", "thickness": 3.0, "pre_thickness": 3.0},
+    (1, 1): {"grid": "3d", "has_pre": True, "pre_grid": "2d", "pre_thickness": 3.0},
+    (1, 2): {"grid": "2d", "has_pre": False, "thickness": 3.0},
+    (2, 0): {"grid": "2d", "has_pre": True, "pre_grid": "2d", "thickness": 3.0, "pre_thickness": 3.0},
+    (2, 1): {"grid": "2d", "has_pre": True, "pre_grid": "2d", "thickness": 3.0, "pre_thickness": 3.0},
+    (2, 2): {"grid": "2d", "has_pre": True, "pre_grid": "2d", "thickness": 3.0, "pre_thickness": 3.0},
 }
 
 
