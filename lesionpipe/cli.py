@@ -131,18 +131,24 @@ def _add_evaluate(sub) -> None:
                    help="folder for evaluation.json/TSVs/HTML (default OUTPUT_DIR/evaluation)")
     p.add_argument("--min-truth-volume", type=float, default=0.0,
                    help="ignore truth lesions smaller than this (mm3) when scoring")
+    p.add_argument("--bids-dir", type=Path, default=None,
+                   help="raw dataset, used for the HTML crops when preprocessed images are absent")
     p.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_evaluate(args) -> int:
-    from lesionpipe.evaluate import evaluate_outputs
+    from lesionpipe.evaluate import EvaluationError, evaluate_outputs
 
     if not args.output_dir.is_dir():
         raise UsageError(f"OUTPUT_DIR {args.output_dir} is not a directory")
     if not args.truth_dir.is_dir():
         raise UsageError(f"TRUTH_DIR {args.truth_dir} is not a directory")
-    report = evaluate_outputs(args.output_dir, args.truth_dir,
-                              out_dir=args.out or args.output_dir / "evaluation")
+    try:
+        report = evaluate_outputs(args.output_dir, args.truth_dir,
+                                  out_dir=args.out or args.output_dir / "evaluation",
+                                  bids_dir=args.bids_dir, min_truth_volume=args.min_truth_volume)
+    except EvaluationError as exc:
+        raise UsageError(str(exc)) from None
     print(report.summary_text())
     return 0
 
@@ -172,8 +178,12 @@ def _cmd_phantoms(args) -> int:
     from lesionpipe.phantom import write_dataset
 
     truth = args.truth_dir or args.out_dir.resolve().parent / f"{args.out_dir.name}_truth"
+    if args.subjects < 1:
+        raise UsageError("--subjects must be >= 1")
+    if sorted(set(args.weeks)) != list(args.weeks) or min(args.weeks) < 0:
+        raise UsageError(f"--weeks must be increasing non-negative integers, got {args.weeks}")
     write_dataset(args.out_dir, truth, n_subjects=args.subjects, weeks=tuple(args.weeks),
-                  seed=args.seed, stress=args.stress, size=args.size)
+                  seed=args.seed, stress=args.stress, size=args.size, progress=LOG.info)
     print(f"dataset: {args.out_dir}\ntruth:   {truth}")
     return 0
 

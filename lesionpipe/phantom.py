@@ -20,6 +20,7 @@ Only numpy, scipy and nibabel are used. The main entry point is :func:`write_dat
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import time
@@ -31,6 +32,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from lesionpipe import __version__
+from lesionpipe.imageio import atomic_write_bytes
 
 # --- tissue classes on the subject grid ----------------------------------------------------------
 AIR, CSF, GM, WM, DGM, VENT, DURA, BONE, MARROW, FAT, MUSCLE, SKIN, EYE, CEREB_GM = range(14)
@@ -44,9 +46,9 @@ T1_ENH = np.array([0.0, 0.0, 0.04, 0.0, 0.02, 0.0, 0.7, 0.0, 0.08, 0.0, 0.12, 0.
                   np.float32)
 
 # --- enhancing mimics on the post grid (label-mimics truth image) ----------------------------------
-MIMIC_VESSEL, MIMIC_SINUS, MIMIC_DURA, MIMIC_CHOROID, MIMIC_NONENH = 1, 2, 3, 4, 5
+MIMIC_VESSEL, MIMIC_SINUS, MIMIC_DURA, MIMIC_CHOROID, MIMIC_NONENH, MIMIC_FAT = 1, 2, 3, 4, 5, 6
 MIMIC_NAMES = {1: "vessel", 2: "sinus_or_falx", 3: "dura", 4: "choroid_plexus",
-               5: "non_enhancing_lesion"}
+               5: "non_enhancing_lesion", 6: "fat_or_marrow"}
 
 #: the pipeline's counting rule (lesionpipe.settings defaults)
 MIN_VOXELS, MIN_VOLUME_MM3 = 3, 10.0
@@ -67,10 +69,15 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], step: float,
     ((20, 30, 10), True, True)
     """
     coarse_shape = tuple(int(math.ceil(n / step)) + 3 for n in shape)
-    coarse = ndi.gaussian_filter(rng.standard_normal(coarse_shape), sigma, mode="wrap")
-    factors = [step] * len(shape)
-    fine = ndi.zoom(coarse, factors, order=1, grid_mode=False)
-    fine = fine[tuple(slice(0, n) for n in shape)].astype(np.float32)
+    fine = ndi.gaussian_filter(rng.standard_normal(coarse_shape), sigma, mode="wrap").astype(np.float32)
+    for axis, n in enumerate(shape):
+        pos = np.arange(n, dtype=np.float64) / step + 1.0
+        i0 = np.floor(pos).astype(int)
+        f = (pos - i0).astype(np.float32)
+        view = [None] * len(shape)
+        view[axis] = slice(None)
+        f = f[tuple(view)]
+        fine = np.take(fine, i0, axis=axis) * (1 - f) + np.take(fine, i0 + 1, axis=axis) * f
     fine -= fine.mean()
     fine /= max(float(fine.std()), 1e-12)
     return fine
@@ -164,6 +171,15 @@ def _ellipsoid_dist(grid: SubjectGrid, centre, semi, box=None, deform=None) -> n
         rn = rn / (1 + deform)
     r = np.sqrt(dx ** 2 + dy ** 2 + dz ** 2)
     return (r * (1 - 1 / rn)).astype(np.float32)
+
+
+def _local_ellipsoid(grid: SubjectGrid, centre, semi):
+    """(box, inside mask) of an ellipsoid, computed only in its bounding box."""
+    centre, semi = np.asarray(centre, float), np.asarray(semi, float)
+    box = grid.box_around(centre - semi, centre + semi, 1)
+    x, y, z = grid.mesh(box)
+    q = ((x - centre[0]) / semi[0]) ** 2 + ((y - centre[1]) / semi[1]) ** 2 + ((z - centre[2]) / semi[2]) ** 2
+    return box, q < 1
 
 
 def _softmin(*ds, k: float = 4.0) -> np.ndarray:
@@ -276,7 +292,6 @@ def make_anatomy(rng: np.random.Generator, *, size: str = "full") -> Anatomy:
                 * np.clip(1 - np.abs(z - 0.1 * cer_semi[2]) / (0.6 * cer_semi[2]), 0, 1)).astype(np.float32)
     t_musc = 1.0 + temporal * s
     t_skin = np.float32(1.6)
-    edges = np.cumsum([0, 1])  # placeholder to keep names short below
     b0 = t_csf
     b1 = b0 + t_dura
     b2 = b1 + t_inner
@@ -285,7 +300,6 @@ def make_anatomy(rng: np.random.Generator, *, size: str = "full") -> Anatomy:
     b5 = b4 + t_fat
     b6 = b5 + t_musc
     b7 = b6 + t_skin
-    del edges
     tissue[d_brain < b7] = SKIN
     tissue[d_brain < b6] = MUSCLE
     tissue[d_brain < b5] = FAT
@@ -305,8 +319,8 @@ def make_anatomy(rng: np.random.Generator, *, size: str = "full") -> Anatomy:
     tissue[lower & ~fatty] = MUSCLE
     tissue[(d_face < 1.8) & (d_face >= 0) & (tissue == AIR)] = SKIN
     # air in the nasal cavity and sinuses
-    d_nasal = _ellipsoid_dist(grid, np.array([0, 62, -52]) * s, np.array([16, 22, 24]) * s)
-    tissue[(d_nasal < 0) & (d_brain > b1 + 2)] = AIR
+    box, ins = _local_ellipsoid(grid, np.array([0, 62, -52]) * s, np.array([16, 22, 24]) * s)
+    tissue[box][ins & (d_brain[box] > b1[box] + 2)] = AIR
     # skull base: thick bone/marrow under the cerebrum, above the face
     base = (d_brain > b1) & (d_brain < b1 + 14 * s) & (z < -0.55 * cer_semi[2]) & (np.abs(y) < 55 * s)
     tissue[base & (tissue != AIR)] = np.where(_smooth_noise(rng, shape, 5 * s)[base & (tissue != AIR)] > 0,
@@ -314,21 +328,22 @@ def make_anatomy(rng: np.random.Generator, *, size: str = "full") -> Anatomy:
     # eyes with orbital fat
     for side in (-1, 1):
         c = np.array([side * 31, 66, -36]) * s
-        d_orb = _ellipsoid_dist(grid, c + np.array([0, -6, 0]) * s, np.array([17, 20, 16]) * s)
-        d_eye = _ellipsoid_dist(grid, c, np.array([12, 12, 12]) * s)
-        tissue[(d_orb < 0) & (d_brain > b1)] = FAT
-        tissue[(d_eye < 0) & (d_brain > b1)] = EYE
-    del d_face, d_nasal, fatty, lower, base
+        box, ins = _local_ellipsoid(grid, c + np.array([0, -6, 0]) * s, np.array([17, 20, 16]) * s)
+        tissue[box][ins & (d_brain[box] > b1[box])] = FAT
+        box, ins = _local_ellipsoid(grid, c, np.array([12, 12, 12]) * s)
+        tissue[box][ins & (d_brain[box] > b1[box])] = EYE
+    del d_face, fatty, lower, base
 
     # --- inside the brain: cortex with sulci, interhemispheric fissure ------------------------------
     inside = d_brain < 0
-    g = _smooth_noise(rng, shape, 5.5 * s ** 0.5)
-    g -= _smooth_noise(rng, shape, 14 * s) * 0.5
+    g = _smooth_noise(rng, shape, 2.6 * s ** 0.4)
     gx, gy, gz = np.gradient(g)
     sulc_dist = np.abs(g) / (np.sqrt(gx ** 2 + gy ** 2 + gz ** 2) + 1e-4)
     del gx, gy, gz, g
-    sulc_depth = thick(11 * s ** 0.5, 4, step=25)
-    sulc_width = 0.45 + 0.35 * np.clip(_smooth_noise(rng, shape, 30 * s), -1, 2)
+    sulc_depth = thick(17 * s ** 0.5, 5, step=25)
+    atrophy = sj(0.0, 0.5)
+    sulc_width = 0.55 + atrophy + 0.2 * np.clip(_smooth_noise(rng, shape, 30 * s), -1.5, 2)
+    params["atrophy"] = round(atrophy, 3)
     depth = -d_brain
     in_cerebrum = (d_cer <= d_cbl) & (d_cer <= np.minimum(d_stem, d_cord) + 1) & inside
     in_cbl = inside & (d_cbl < d_cer) & (d_cbl < np.minimum(d_stem, d_cord))
@@ -338,8 +353,10 @@ def make_anatomy(rng: np.random.Generator, *, size: str = "full") -> Anatomy:
     fis_core = ((y + 5 * s) / (52 * s)) ** 2 + ((z + 2 * s) / (26 * s)) ** 2 > 1
     fis_dist = np.where(fis_core, np.abs(x - x_mid), 99).astype(np.float32)
     # sylvian fissure: a deep lateral cleft
+    syl_z = -8 * s + 0.25 * y + 4 * s * _smooth_noise(rng, shape, 12 * s)
     syl_dist = np.where((np.abs(x) > 0.55 * cer_semi[0]) & (y > -35 * s) & (y < 30 * s),
-                        np.abs(z - (-8 * s + 0.25 * y)), 99).astype(np.float32)
+                        np.abs(z - syl_z), 99).astype(np.float32)
+    del syl_z
     csf_like = in_cerebrum & (((sulc_dist < sulc_width) & (depth < sulc_depth))
                               | (fis_dist < 1.3) | (syl_dist < 1.2))
     t_gm = thick(2.7, 0.35, step=20)
@@ -352,8 +369,8 @@ def make_anatomy(rng: np.random.Generator, *, size: str = "full") -> Anatomy:
     # cerebellum: grey folia around a white core
     f = _smooth_noise(rng, shape, 2.6 * s ** 0.5)
     tissue[in_cbl] = CEREB_GM
-    core = _ellipsoid_dist(grid, np.array([0, -42, -44]) * s, np.array([30, 14, 11]) * s) < 0
-    tissue[in_cbl & core] = WM
+    box, core = _local_ellipsoid(grid, np.array([0, -42, -44]) * s, np.array([30, 14, 11]) * s)
+    tissue[box][in_cbl[box] & core] = WM
     tissue[in_cbl & (np.abs(f) < 0.12) & (depth < 12 * s)] = CSF
     tissue[in_stem] = WM
     del f, core, t_gm, wall
@@ -394,7 +411,8 @@ def make_anatomy(rng: np.random.Generator, *, size: str = "full") -> Anatomy:
             np.minimum(vn, q, out=vn)
     vent_local = vn < 1
     # third ventricle
-    third = (np.abs(xb) < 2.2 * vs * max(s, 0.85)) & (np.abs(yb + 4 * s) < 14 * s) & (np.abs(zb + 4 * s) < 9 * s)
+    third = ((np.abs(xb) < 2.2 * vs * max(s, 0.85)) & (np.abs(yb + 4 * s) < 14 * s)
+             & (np.abs(zb + 4 * s) < 9 * s))
     sub = tissue[box]
     sub[(vent_local | third) & (in_cerebrum[box] | in_stem[box])] = VENT
     tissue[box] = sub
@@ -404,8 +422,11 @@ def make_anatomy(rng: np.random.Generator, *, size: str = "full") -> Anatomy:
     jitter[WM] = 1.0
     pre = (T1_PRE * jitter)[tissue]
     pre *= 1 + 0.025 * _smooth_noise(rng, shape, 6 * s)  # tissue texture
+    wm_like = (tissue == WM) | (tissue == DGM)
+    pre[wm_like] *= (1 + 0.035 * _smooth_noise(rng, shape, 18 * s))[wm_like]  # regional WM variation
     enh = T1_ENH[tissue].copy()
     mimic = np.zeros(shape, np.uint8)
+    mimic[(tissue == FAT) | (tissue == MARROW)] = MIMIC_FAT  # bright without contrast
     # patchy dura
     dura = tissue == DURA
     patch = np.clip(0.7 + 0.45 * _smooth_noise(rng, shape, 12 * s), 0.15, 1.4)
@@ -468,6 +489,11 @@ def make_anatomy(rng: np.random.Generator, *, size: str = "full") -> Anatomy:
             sj(0.8, 1.5), MIMIC_VESSEL)
         pca = _smooth_curve(rng, np.array([side * 4, -10, -24]) * s, [side, -1, 0.3], 60 * s, wiggle=0.04)
         add(pca, 1.0, sj(0.7, 1.4), MIMIC_VESSEL)
+    # pituitary gland and cavernous sinuses (enhance strongly), below the brain in the sella
+    add(_polyline([[0, 14, -50], [0, 10, -50]], 0.5) * s, 3.0 * max(s, 0.8), sj(1.0, 1.6), MIMIC_SINUS)
+    for side in (-1, 1):
+        add(_polyline([[side * 9, 22, -50], [side * 10, 0, -48]], 0.5) * s, 2.2 * max(s, 0.8),
+            sj(1.0, 1.6), MIMIC_SINUS)
     # basilar artery in front of the brainstem, pericallosal arteries above the corpus callosum
     add(_polyline([[0, 0, -80], [0, -2, -45], [0, -6, -24]], 0.5) * s, 1.5, sj(0.8, 1.5), MIMIC_VESSEL)
     for side in (-1, 1):
@@ -502,7 +528,8 @@ def make_anatomy(rng: np.random.Generator, *, size: str = "full") -> Anatomy:
         pts, rx, rz = vent_curves[int(rng.integers(2))]
         i = int(rng.integers(0, int(len(pts) * 0.7)))
         centre = pts[i]
-        out_dir = np.array([np.sign(centre[0]) * rng.uniform(0.3, 1), rng.normal(0, 0.4), rng.uniform(0.2, 1)])
+        out_dir = np.array([np.sign(centre[0]) * rng.uniform(0.3, 1), rng.normal(0, 0.4),
+                            rng.uniform(0.2, 1)])
         out_dir /= np.linalg.norm(out_dir)
         p0 = centre + out_dir * (rz[i] + 0.5)
         c = _smooth_curve(rng, p0, out_dir, sj(12, 30) * s, wiggle=0.03)
@@ -516,12 +543,17 @@ def make_anatomy(rng: np.random.Generator, *, size: str = "full") -> Anatomy:
         seg = pts[int(0.3 * n):int(0.93 * n)]
         off = np.array([-np.sign(seg[0, 0]) * 1.5, 0, -1.2]) * s
         seg = seg + off + ndi.gaussian_filter1d(rng.standard_normal(seg.shape), 8, axis=0) * 3
-        chor_curves.append((to_idx(seg), sj(1.0, 1.6), 1.0))
+        # patchy strand: pieces of 5-20 mm with gaps, so parts look like separate blobs
+        i = int(rng.integers(0, 10))
+        while i < len(seg) - 4:
+            n_piece = int(rng.uniform(10, 40))
+            chor_curves.append((to_idx(seg[i:i + n_piece]), sj(0.8, 1.6), 1.0))
+            i += n_piece + int(rng.uniform(6, 16))
         glom = pts[int(0.52 * n)] + off
         for _ in range(int(rng.integers(3, 7))):
             blob = glom + rng.normal(0, 2.5, 3) * vs
             chor_curves.append((to_idx(_smooth_curve(rng, blob, rng.standard_normal(3), sj(3, 8) * vs)),
-                                sj(1.5, 3.2) * min(vs, 1.2), 1.0))
+                                sj(1.2, 2.4) * min(vs, 1.2), 1.0))
     chor = _splat_tubes(shape, chor_curves)
     vent_grow = ndi.binary_dilation(tissue == VENT, iterations=1)
     chor = np.where(vent_grow, np.clip(chor * 1.3, 0, 1), 0).astype(np.float32)
@@ -552,6 +584,24 @@ def make_anatomy(rng: np.random.Generator, *, size: str = "full") -> Anatomy:
         enh[sel_mask] = np.maximum(enh[sel_mask] * (1 - occ[sel_mask]), field_amp[sel_mask])
         mimic[occ > 0.4] = kind
         del field_amp, occ, sel_mask
+
+    # perivascular spaces: short thin CSF-filled tubes in the basal ganglia and centrum semiovale
+    # (dark on both scans, never enhancing)
+    pvs = []
+    n_pvs = int(rng.integers(15, 60))
+    for _ in range(n_pvs):
+        if rng.random() < 0.5:
+            c0 = np.array([rng.choice([-1, 1]) * rng.uniform(12, 26), rng.uniform(-5, 15),
+                           rng.uniform(-8, 4)])
+        else:
+            c0 = np.array([rng.choice([-1, 1]) * rng.uniform(8, 35), rng.uniform(-35, 30),
+                           rng.uniform(18, 38)])
+        pvs.append((to_idx(_smooth_curve(rng, c0 * s, [0.2 * rng.normal(), 0.2 * rng.normal(), 1],
+                                         sj(3, 10), wiggle=0.03)), 0.45, 1.0))
+    pocc = np.clip(_splat_tubes(shape, pvs) * 1.2, 0, 1)
+    pocc = np.where(in_cerebrum & ((tissue == WM) | (tissue == DGM)), pocc, 0).astype(np.float32)
+    pre = pre * (1 - pocc) + pocc * T1_PRE[CSF]
+    del pocc
 
     # light blur removes staircase edges of the class map
     pre = ndi.gaussian_filter(pre, 0.45).astype(np.float32)
@@ -611,15 +661,15 @@ class Lesion:
 
 
 def _lesion_shape(rng: np.random.Generator, grid: SubjectGrid, centre: np.ndarray, volume: float,
-                  kind: str, axes_dir=None):
+                  kind: str, axes_dir=None, ratios=None):
     """Occupancy and enhancement profile of one lesion on the subject grid.
 
     Returns (box, occ, rim, realised volume mm3). Occupancy has a soft ~0.4 mm edge so that partial
     volume in resampling is realistic.
     """
     r0 = (3 * volume / (4 * np.pi)) ** (1 / 3)
-    ratios = rng.uniform(0.75, 1.3, 3)
-    ratios /= np.prod(ratios) ** (1 / 3)
+    ratios = rng.uniform(0.75, 1.3, 3) if ratios is None else np.asarray(ratios, float)
+    ratios = ratios / np.prod(ratios) ** (1 / 3)
     semi = r0 * ratios
     rot = _random_rotation(rng, 180) if axes_dir is None else axes_dir
     blobs = [(np.zeros(3), semi, rot)]
@@ -639,18 +689,48 @@ def _lesion_shape(rng: np.random.Generator, grid: SubjectGrid, centre: np.ndarra
         u = [(rm[0, i] * q[0] + rm[1, i] * q[1] + rm[2, i] * q[2]) / ax[i] for i in range(3)]
         np.minimum(rho, np.sqrt(u[0] ** 2 + u[1] ** 2 + u[2] ** 2), out=rho)
     if kind == "irregular":
-        rho = rho * (1 + 0.18 * rng.standard_normal(rho.shape).astype(np.float32) * 0
-                     + 0.15 * _smooth_noise(rng, rho.shape, 2.5))
+        rho = rho * (1 + 0.15 * _smooth_noise(rng, rho.shape, 2.5))
     edge = 0.4 / max(r0, 1.0)
     occ = (1 / (1 + np.exp(np.clip((rho - 1) / edge, -30, 30)))).astype(np.float32)
     if kind == "ring":
         wall = rng.uniform(0.22, 0.35)
         centre_level = rng.uniform(0.1, 0.35)
         rim = np.clip(np.exp(-((rho - (1 - wall / 2)) / (wall * 0.6)) ** 2), 0, 1)
-        rim = (centre_level + (1 - centre_level) * np.where(rho > 1 - wall / 2, 1.0, rim)) * occ
+        rim = centre_level + (1 - centre_level) * np.where(rho > 1 - wall / 2, 1.0, rim)
+        if rng.random() < 0.5:
+            # open ring: the rim fades over one side (typical of demyelinating lesions)
+            side = rng.standard_normal(3)
+            side /= np.linalg.norm(side)
+            proj = (rel[0] * side[0] + rel[1] * side[1] + rel[2] * side[2]) / r0
+            rim = rim * np.clip(0.5 + 1.5 * proj, 0.35, 1.0) ** 1.0
+        rim = rim * occ
     else:
         rim = occ * np.clip(1.15 - 0.3 * rho ** 2, 0.6, 1.0)
     return box, occ, rim.astype(np.float32), float(occ.sum())
+
+
+def _gradient_at(field: np.ndarray, idx) -> np.ndarray:
+    """Central-difference gradient of ``field`` at fractional index ``idx``."""
+    idx = np.asarray(idx, float)
+    g = np.zeros(3)
+    for a in range(3):
+        e = np.zeros(3)
+        e[a] = 1
+        hi = ndi.map_coordinates(field, (idx + e)[:, None], order=1, mode="nearest")[0]
+        lo = ndi.map_coordinates(field, (idx - e)[:, None], order=1, mode="nearest")[0]
+        g[a] = (hi - lo) / 2
+    return g
+
+
+def _frame(direction, rng) -> np.ndarray:
+    """Rotation matrix whose first column is ``direction`` (random when degenerate)."""
+    d = np.asarray(direction, float)
+    if np.linalg.norm(d) < 1e-6:
+        d = rng.standard_normal(3)
+    d = d / np.linalg.norm(d)
+    t = np.cross(d, rng.standard_normal(3))
+    t /= np.linalg.norm(t)
+    return np.stack([d, t, np.cross(d, t)], axis=1)
 
 
 def _log_uniform(rng, lo, hi):
@@ -718,13 +798,18 @@ def plan_lesions(rng: np.random.Generator, anat: Anatomy, weeks: list[int], *, s
     grid = anat.grid
     lesions: list[Lesion] = []
 
-    def make(kind, volume, site, onset, t1_factor, centre=None, touching="", axes_dir=None):
+    def make(kind, volume, site, onset, t1_factor, centre=None, touching="", ratios=None):
         r = (3 * volume / (4 * np.pi)) ** (1 / 3)
         if centre is None:
             centre = placer.pick(r * (1.3 if kind == "irregular" else 1.0), site)
             if centre is None:
                 return None
-        box, occ, rim, vol = _lesion_shape(rng, grid, centre, volume, kind, axes_dir)
+        axes = None
+        if site in ("periventricular", "ventricle") and ratios is None and kind != "irregular":
+            # ovoid with its long axis pointing away from the ventricle ("Dawson's finger")
+            axes = _frame(_gradient_at(anat.vent_dist, (centre - grid.origin) / 2.0), rng)
+            ratios = (rng.uniform(1.3, 1.8), 1.0, 1.0)
+        box, occ, rim, vol = _lesion_shape(rng, grid, centre, volume, kind, axes_dir=axes, ratios=ratios)
         placer.taken.append((centre, r * (1.4 if kind == "irregular" else 1.0)))
         les = Lesion(uid=len(lesions) + 1, kind=kind, centre=centre, box=box, occ=occ, rim=rim,
                      volume_mm3=vol, t1_factor=t1_factor, onset=onset, enhancement={}, site=site,
@@ -740,35 +825,36 @@ def plan_lesions(rng: np.random.Generator, anat: Anatomy, weeks: list[int], *, s
              sites[int(rng.choice(3, p=[0.5, 0.2, 0.3]))], 0,
              rng.uniform(0.5, 0.8) if bh else rng.uniform(0.82, 0.97))
     # disease activity: new GELs per visit from a subject-specific rate (negative binomial)
-    rate = rng.gamma(0.8, 2.0) * (1.8 if stress else 1.0)
+    rate = rng.gamma(0.6, 1.8) * (2.0 if stress else 1.0)
     for v, wk in enumerate(weeks):
         gap = 4.0 if v == 0 else max(weeks[v] - weeks[v - 1], 1)
-        n_new = min(int(rng.poisson(rate * min(gap, 8) / 4)), 12)
+        n_new = min(int(rng.poisson(rate * min(gap, 8) ** 0.6 / 4 ** 0.6)), 10)
         if stress and v == 0:
             n_new = max(n_new, 3)
         for _ in range(n_new):
             vol = _draw_volume(rng, stress)
             u = rng.random()
-            kind = "ring" if (vol > 90 and u < (0.45 if stress else 0.25)) else (
-                "irregular" if (vol > 40 and u > 0.75) else "nodular")
+            kind = "ring" if (vol > 60 and u < (0.5 if stress else 0.3)) else (
+                "irregular" if (vol > 30 and u > 0.7) else "nodular")
             amp = _draw_amplitude(rng, stress)
             t1f = rng.uniform(0.8, 1.0)
             u2 = rng.random()
             touch_p = 0.35 if stress else 0.12
             les = None
             if u2 < touch_p and anat.medullary:
-                # beside a deep medullary vein
-                c_pts, vr = anat.medullary[int(rng.integers(len(anat.medullary)))]
-                p = c_pts[int(rng.integers(len(c_pts) // 4, len(c_pts)))]
-                tang = c_pts[-1] - c_pts[0]
-                perp = np.cross(tang, rng.standard_normal(3))
-                perp /= np.linalg.norm(perp)
+                # beside a deep medullary vein (a few tries to find white matter with room)
                 r = (3 * vol / (4 * np.pi)) ** (1 / 3)
-                c = p + perp * (r + vr + rng.uniform(-0.3, 0.6))
-                ti = np.round(grid.to_index(c)).astype(int)
-                if (np.all(ti >= 0) and np.all(ti < grid.shape) and anat.tissue[tuple(ti)] == WM
-                        and placer.free(c, r, gap=1.0)):
-                    les = make(kind, vol, "deep", v, t1f, centre=c, touching="vessel")
+                for _ in range(12):
+                    c_pts, vr = anat.medullary[int(rng.integers(len(anat.medullary)))]
+                    p = c_pts[int(rng.integers(len(c_pts) // 4, len(c_pts)))]
+                    perp = np.cross(c_pts[-1] - c_pts[0], rng.standard_normal(3))
+                    perp /= np.linalg.norm(perp)
+                    c = p + perp * (r + vr + rng.uniform(-0.3, 0.6))
+                    ti = np.round(grid.to_index(c)).astype(int)
+                    if (np.all(ti >= 0) and np.all(ti < grid.shape) and anat.tissue[tuple(ti)] == WM
+                            and placer.free(c, r, gap=1.0)):
+                        les = make(kind, vol, "deep", v, t1f, centre=c, touching="vessel")
+                        break
             elif u2 < 2 * touch_p:
                 les = make(kind, vol, "ventricle", v, t1f, touching="ventricle")
             elif u2 < 2 * touch_p + (0.2 if stress else 0.08) and pair_dirs is not None:
@@ -776,20 +862,18 @@ def plan_lesions(rng: np.random.Generator, anat: Anatomy, weeks: list[int], *, s
                 vol2 = _draw_volume(rng, False)
                 r1 = (3 * vol / (4 * np.pi)) ** (1 / 3)
                 r2 = (3 * vol2 / (4 * np.pi)) ** (1 / 3)
-                first = make("nodular", vol, "deep", v, t1f, touching="pair")
+                first = make("nodular", vol, "deep", v, t1f, touching="pair", ratios=(1, 1, 1))
                 if first is not None:
                     d = pair_dirs[v]
                     gap_mm = rng.uniform(2.2, 3.0)
-                    c2 = first.centre + d * (r1 * 1.25 + r2 * 1.25 + gap_mm)
+                    c2 = first.centre + d * (r1 + r2 + gap_mm)
                     ti = np.round(grid.to_index(c2)).astype(int)
                     first.enhancement[v] = amp
+                    # the first lesion is already taken: only other lesions may block the second
                     if (np.all(ti >= 0) and np.all(ti < grid.shape) and anat.tissue[tuple(ti)] == WM
-                            and placer.free(c2, r2, gap=0.5 - r1 - r2 + np.linalg.norm(c2 - first.centre)
-                                            - r1 - 0.1)):
-                        # align the axes so the gap is measured along d
+                            and placer.free(c2, r2, gap=0.0)):
                         les = make("nodular", vol2, "deep", v, t1f, centre=c2, touching="pair",
-                                   axes_dir=np.eye(3))
-                        first.axes_note = "pair"
+                                   ratios=(1, 1, 1))
                     else:
                         les = None
                     if les is not None:
@@ -857,6 +941,8 @@ class Acquisition:
     snr: float = 25.0
     gain: float = 1.0
     storage: str = "float32"
+    gamma: float = 1.0        # sequence contrast: intensities are raised to this power
+    noise_corr: float = 0.0   # spatial correlation of the noise (Gaussian sigma, voxels)
 
     @property
     def n_sub(self) -> int:
@@ -869,7 +955,7 @@ def make_grid(*, grid: str, size: str, thickness: float, orientation: str, obliq
     """Shape and affine of a scan whose field of view is centred on ``centre`` (scanner mm).
 
     >>> shape, aff = make_grid(grid='2d', size='small', thickness=3, orientation='LAS')
-    >>> shape, aff[0, 0], aff[2, 2]
+    >>> shape, float(aff[0, 0]), float(aff[2, 2])
     ((160, 160, 43), -1.0, 3.0)
     """
     fov = np.array([230.0, 230, 180]) if size == "full" else np.array([160.0, 160, 130])
@@ -885,13 +971,15 @@ def make_grid(*, grid: str, size: str, thickness: float, orientation: str, obliq
 
 
 def draw_acquisition(rng, *, size: str, stress: bool, grid: str | None = None, pose=None,
-                     storage: str | None = None) -> Acquisition:
+                     storage: str | None = None, gain_range=(0.01, 5000.0),
+                     thickness: float | None = None) -> Acquisition:
     if grid is None:
         grid = "2d" if rng.random() < 0.4 else "3d"
-    thickness = 1.0
+    drawn = 1.0
     if grid == "2d":
-        thickness = float(rng.choice([5.0, 6.0])) if stress and rng.random() < 0.6 else (
+        drawn = float(rng.choice([5.0, 6.0])) if stress and rng.random() < 0.6 else (
             3.0 if rng.random() < 0.8 else 5.0)
+    thickness = 1.0 if grid == "3d" else float(thickness or drawn)
     orientation = str(rng.choice(["RAS", "LAS", "LPS", "oblique"], p=[0.3, 0.3, 0.2, 0.2]))
     obl = (rng.uniform(-15, 15), rng.uniform(-5, 5), rng.uniform(-5, 5))
     centre = np.array([0.0, 0.0, -4.0]) + rng.uniform(-4, 4, 3)
@@ -904,7 +992,8 @@ def draw_acquisition(rng, *, size: str, stress: bool, grid: str | None = None, p
                        affine=aff, orientation=orientation, rot=rot, trans=trans,
                        bias_amp=float(rng.uniform(0.3, 0.45) if stress else rng.uniform(0.1, 0.35)),
                        snr=float(rng.uniform(8, 16) if stress else rng.uniform(15, 40)),
-                       gain=float(10 ** rng.uniform(-2, np.log10(5000))), storage=storage)
+                       gain=float(10 ** rng.uniform(*np.log10(gain_range))), storage=storage,
+                       gamma=float(rng.uniform(0.85, 1.2)), noise_corr=float(rng.uniform(0.0, 0.7)))
 
 
 def draw_pose(rng, max_deg: float, max_mm: float, base=None):
@@ -972,27 +1061,38 @@ def bias_field(rng, shape, amp: float) -> np.ndarray:
 
     The log-field is scaled so the field spans about ``1 - amp`` to ``1 + amp`` across the volume.
     """
-    axes = [np.linspace(-1, 1, n, dtype=np.float32) for n in shape]
-    x, y, z = axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :]
-    logf = np.zeros(shape, np.float32)
-    for i in range(4):
-        for j in range(4 - i):
-            for k in range(4 - i - j):
-                if i + j + k == 0:
-                    continue
-                c = rng.normal(0, 1.0 / (i + j + k))
-                logf += np.float32(c) * (x ** i) * (y ** j) * (z ** k)
+    powers = [np.stack([np.linspace(-1, 1, n) ** p for p in range(4)]) for n in shape]  # (4, n)
+    coef = np.zeros((4, 4, 4))
+    for i, j, k in np.ndindex(4, 4, 4):
+        if 0 < i + j + k <= 3:
+            coef[i, j, k] = rng.normal(0, 1.0 / (i + j + k))
+    # separable evaluation: sum_i x^i sum_j y^j sum_k c_ijk z^k
+    a = np.tensordot(coef, powers[2], axes=([2], [0]))            # (4, 4, nz)
+    b = np.einsum("jy,ijz->iyz", powers[1], a)                     # (4, ny, nz)
+    logf = np.tensordot(powers[0].T, b, axes=([1], [0])).astype(np.float32)  # (nx, ny, nz)
     span = float(logf.max() - logf.min())
     logf = (logf - float(logf.mean())) * (2 * np.log1p(amp) / max(span, 1e-6))
     return np.exp(logf)
 
 
 def finish_scan(rng, clean: np.ndarray, acq: Acquisition) -> np.ndarray:
-    """Bias field, Rician noise (sigma = 1/SNR of white matter) and scanner gain."""
-    img = clean * bias_field(rng, clean.shape, acq.bias_amp)
+    """Sequence contrast, bias field, Rician noise (sigma = 1/SNR of white matter), scanner gain.
+
+    The two Gaussian channels of the noise are optionally smoothed (k-space filtering and
+    zero-filling make real noise spatially correlated) and rescaled to the same sigma.
+    """
+    img = np.power(np.maximum(clean, 0), acq.gamma, dtype=np.float32) if acq.gamma != 1 else clean
+    img = img * bias_field(rng, clean.shape, acq.bias_amp)
     sigma = 1.0 / acq.snr
-    n1 = rng.standard_normal(img.shape, dtype=np.float32) * sigma
-    n2 = rng.standard_normal(img.shape, dtype=np.float32) * sigma
+
+    def channel():
+        n = rng.standard_normal(img.shape, dtype=np.float32)
+        if acq.noise_corr > 0.05:
+            n = ndi.gaussian_filter(n, (acq.noise_corr, acq.noise_corr, 0))
+            n /= max(float(n.std()), 1e-6)
+        return n * sigma
+
+    n1, n2 = channel(), channel()
     img = np.sqrt((img + n1) ** 2 + n2 ** 2)
     return (img * acq.gain).astype(np.float32)
 
@@ -1002,7 +1102,7 @@ def to_nifti(data: np.ndarray, acq: Acquisition) -> nb.Nifti1Image:
     hdr = nb.Nifti1Header()
     storage = acq.storage
     peak = float(np.percentile(data, 99.99)) if data.size else 0.0
-    if storage == "int16" and not (50 < peak and float(data.max()) < 32000):
+    if storage == "int16" and not (20 < peak and float(data.max()) < 32000):
         storage = "int16_scaled"
     if storage == "int16":
         arr = np.round(data).astype(np.int16)
@@ -1028,8 +1128,10 @@ def truth_labels(anat: Anatomy, lesions: list[Lesion], v: int, acq: Acquisition)
     """Instance labels of the lesions enhancing at visit ``v`` on the post grid, and their table rows.
 
     Each lesion's own occupancy is resampled (with the same thick-slice averaging as the image) and
-    kept where it is >= 0.5; a voxel claimed by two lesions goes to the larger occupancy, so lesions
-    that touch after resampling keep separate labels. Lesions that leave no voxel are dropped.
+    kept where it is >= 0.5 (a lesion that nowhere reaches 0.5 keeps the voxels above 80 % of its
+    peak when the peak is >= 0.2, and is never counted); a voxel claimed by two lesions goes to the
+    larger occupancy, so lesions that touch after resampling keep separate labels. Lesions that
+    leave no voxel are dropped.
     """
     labels = np.zeros(acq.shape, np.int16)
     best = np.zeros(acq.shape, np.float32)
@@ -1046,14 +1148,19 @@ def truth_labels(anat: Anatomy, lesions: list[Lesion], v: int, acq: Acquisition)
         if box is None:
             continue
         occ = sample(les.occ, lo, acq, box=box)
-        sel = (occ >= 0.5) & (occ > best[box])
+        peak = float(occ.max()) if occ.size else 0.0
+        # a lesion thinner than the slice never reaches 50 % in any voxel but can still be seen:
+        # keep its most occupied voxels so that a detection there is not a false positive
+        cut = 0.5 if peak >= 0.5 else max(0.2, 0.8 * peak)
+        sel = (occ >= cut) & (occ > best[box])
         n = int(sel.sum())
         if n == 0:
             continue
         lab = labels[box]
         lab[sel] = nxt
         best[box][sel] = occ[sel]
-        rows.append({"lesion_id": nxt, "uid": les.uid, "kind": les.kind, "amp": amp, "les": les})
+        rows.append({"lesion_id": nxt, "uid": les.uid, "kind": les.kind, "amp": amp, "les": les,
+                     "partial": peak < 0.5})
         nxt += 1
     # recount after possible take-overs, compute centroids
     out = []
@@ -1068,7 +1175,7 @@ def truth_labels(anat: Anatomy, lesions: list[Lesion], v: int, acq: Acquisition)
         out.append({
             "lesion_id": row["lesion_id"], "n_voxels": n, "volume_mm3": round(n * vox_vol, 2),
             "enhancement_pct": round(100 * row["amp"], 1), "kind": les.kind,
-            "counted": int(n >= MIN_VOXELS and n * vox_vol >= MIN_VOLUME_MM3),
+            "counted": int(n >= MIN_VOXELS and n * vox_vol >= MIN_VOLUME_MM3 and not row["partial"]),
             "new": int(les.onset == v), "site": les.site, "touching": les.touching or "none",
             "centroid_x": round(float(world[0]), 2), "centroid_y": round(float(world[1]), 2),
             "centroid_z": round(float(world[2]), 2), "subject_lesion": les.uid,
@@ -1112,6 +1219,11 @@ def _write_tsv(path: Path, rows: list[dict], columns: list[str]) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def _save(img: nb.Nifti1Image, path: Path) -> None:
+    """Write ``.nii.gz`` with a fixed gzip timestamp (identical bytes for identical images)."""
+    atomic_write_bytes(path, gzip.compress(img.to_bytes(), compresslevel=6, mtime=0))
+
+
 def _rot_deg(r: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip((np.trace(r) - 1) / 2, -1, 1))))
 
@@ -1119,12 +1231,14 @@ def _rot_deg(r: np.ndarray) -> float:
 def write_dataset(bids_dir, truth_dir, *, n_subjects: int = 4, weeks=(0, 4, 12), seed: int = 0,
                   stress: bool = False, size: str = "full", p_post_only: float = 0.25,
                   p_2d: float = 0.4, storage: str | None = None, overrides: dict | None = None,
-                  progress=None) -> dict:
+                  gain_range=(0.01, 5000.0), progress=None) -> dict:
     """Write a synthetic BIDS dataset to ``bids_dir`` and its ground truth to ``truth_dir``.
 
     ``overrides`` maps ``(subject_index, visit_index)`` to a dict with any of ``grid`` ('3d'/'2d'),
-    ``pre_grid``, ``has_pre`` (bool), forcing that visit's design (used for the sample dataset).
-    ``storage`` forces 'float32', 'int16' or 'int16_scaled' for every scan.
+    ``pre_grid``, ``has_pre`` (bool), ``thickness``, ``pre_thickness`` (mm, 2-D scans), forcing that
+    visit's design (used for the sample dataset).
+    ``storage`` forces 'float32', 'int16' or 'int16_scaled' for every scan; ``gain_range`` bounds
+    the arbitrary scanner gain (white matter intensity before noise).
     Returns a summary dict (also written to ``truth_dir/generation.json``).
     """
     if size not in ("full", "small"):
@@ -1150,21 +1264,26 @@ def write_dataset(bids_dir, truth_dir, *, n_subjects: int = 4, weeks=(0, 4, 12),
     for si in range(n_subjects):
         sub = f"sub-{si + 1:02d}"
         participants.append(sub)
-        rng = np.random.default_rng(int(subj_seeds[si]))
-        anat = make_anatomy(rng, size=size)
+        # independent streams: forcing a visit's design does not change the anatomy or lesions
+        anat_ss, design_ss, lesion_ss, noise_ss = np.random.SeedSequence(int(subj_seeds[si])).spawn(4)
+        anat = make_anatomy(np.random.default_rng(anat_ss), size=size)
+        noise_rng = np.random.default_rng(noise_ss)
         # design of every visit first: grids and poses (pairs of lesions need the post grid)
         design = []
-        for v, wk in enumerate(weeks):
+        for v, visit_ss in enumerate(design_ss.spawn(len(weeks))):
+            rng = np.random.default_rng(visit_ss)
             ov = overrides.get((si, v), {})
             has_pre = ov.get("has_pre", rng.random() >= p_post_only)
             grid = ov.get("grid", "2d" if rng.random() < p_2d else "3d")
             pre_grid = ov.get("pre_grid", grid if rng.random() > 0.12 else ("3d" if grid == "2d" else "2d"))
             vpose = draw_pose(rng, 8 if stress else 4, 10 if stress else 6)
-            post = draw_acquisition(rng, size=size, stress=stress, grid=grid, pose=vpose, storage=storage)
+            post = draw_acquisition(rng, size=size, stress=stress, grid=grid, pose=vpose, storage=storage,
+                                    gain_range=gain_range, thickness=ov.get("thickness"))
             ppose = draw_pose(rng, 7 if stress else 5, 9 if stress else 6, base=vpose)
             pre = draw_acquisition(rng, size=size, stress=stress, grid=pre_grid, pose=ppose,
-                                   storage=storage) if has_pre else None
-            if pre is not None and rng.random() < 0.6:
+                                   storage=storage, gain_range=gain_range,
+                                   thickness=ov.get("pre_thickness")) if has_pre else None
+            if pre is not None and rng.random() < 0.6 and pre.grid == post.grid:
                 # same protocol for pre and post in most visits
                 pre.affine, pre.shape, pre.zooms, pre.orientation = (post.affine, post.shape, post.zooms,
                                                                      post.orientation)
@@ -1173,7 +1292,8 @@ def write_dataset(bids_dir, truth_dir, *, n_subjects: int = 4, weeks=(0, 4, 12),
             sl = post.rot.T @ (post.affine[:3, 2] / np.linalg.norm(post.affine[:3, 2]))
             d = np.cross(sl, rng.standard_normal(3))
             design.append({"post": post, "pre": pre, "pair_dir": d / np.linalg.norm(d)})
-        lesions = plan_lesions(rng, anat, weeks, stress=stress, pair_dirs=[d["pair_dir"] for d in design])
+        lesions = plan_lesions(np.random.default_rng(lesion_ss), anat, weeks, stress=stress,
+                               pair_dirs=[d["pair_dir"] for d in design])
         sess_rows = []
         for v, wk in enumerate(weeks):
             ses = f"ses-w{wk:02d}"
@@ -1187,8 +1307,8 @@ def write_dataset(bids_dir, truth_dir, *, n_subjects: int = 4, weeks=(0, 4, 12),
             if pre is not None:
                 scans.append((pre, pre_vol, f"{stem}_T1w", False))
             for acq, vol, name, is_post in scans:
-                img = finish_scan(rng, sample(vol, anat.grid.origin, acq), acq)
-                nb.save(to_nifti(img, acq), anat_dir / f"{name}.nii.gz")
+                img = finish_scan(noise_rng, sample(vol, anat.grid.origin, acq), acq)
+                _save(to_nifti(img, acq), anat_dir / f"{name}.nii.gz")
                 side = {"MRAcquisitionType": acq.grid.upper(), "SliceThickness": float(acq.zooms[2]),
                         "MagneticFieldStrength": 3}
                 if is_post:
@@ -1198,18 +1318,16 @@ def write_dataset(bids_dir, truth_dir, *, n_subjects: int = 4, weeks=(0, 4, 12),
             labels, rows = truth_labels(anat, lesions, v, post)
             tdir = truth_dir / sub / ses
             tdir.mkdir(parents=True, exist_ok=True)
-            lab_acq = Acquisition(**{**post.__dict__, "storage": "int16"})
             lab_img = nb.Nifti1Image(labels.astype(np.int16), post.affine)
             lab_img.set_qform(post.affine, 1)
             lab_img.set_sform(post.affine, 1)
             lab_img.header.set_slope_inter(1.0, 0.0)
-            nb.save(lab_img, tdir / f"{stem}_label-GEL_dseg.nii.gz")
+            _save(lab_img, tdir / f"{stem}_label-GEL_dseg.nii.gz")
             mim = mimic_labels(anat, lesions, v, post)
             mim_img = nb.Nifti1Image(mim, post.affine)
             mim_img.set_qform(post.affine, 1)
             mim_img.set_sform(post.affine, 1)
-            nb.save(mim_img, tdir / f"{stem}_label-mimics_dseg.nii.gz")
-            del lab_acq
+            _save(mim_img, tdir / f"{stem}_label-mimics_dseg.nii.gz")
             n_counted = sum(r["counted"] for r in rows)
             rel_r = post.rot @ pre.rot.T if pre is not None else None
             count_rows.append({
@@ -1236,12 +1354,16 @@ def write_dataset(bids_dir, truth_dir, *, n_subjects: int = 4, weeks=(0, 4, 12),
     summary = {
         "generator": "lesionpipe.phantom", "version": __version__, "seed": seed,
         "n_subjects": n_subjects, "weeks": weeks, "stress": stress, "size": size,
-        "p_post_only": p_post_only, "p_2d": p_2d, "storage": storage,
+        "p_post_only": p_post_only, "p_2d": p_2d, "storage": storage, "gain_range": list(gain_range),
         "overrides": {f"{k[0]},{k[1]}": v for k, v in overrides.items()},
         "counting_rule": {"min_voxels": MIN_VOXELS, "min_volume_mm3": MIN_VOLUME_MM3},
         "mimic_codes": MIMIC_NAMES,
         "n_visits": len(count_rows), "total_gels": int(sum(r["gel_count"] for r in count_rows)),
-        "seconds": round(time.time() - t_start, 1),
     }
+    (truth_dir / "dataset_description.json").write_text(json.dumps({
+        "Name": "ground truth of the lesionpipe synthetic phantoms", "BIDSVersion": "1.9.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "lesionpipe phantoms", "Version": __version__}],
+    }, indent=2) + "\n")
     (truth_dir / "generation.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return {**summary, "seconds": round(time.time() - t_start, 1)}
