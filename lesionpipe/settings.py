@@ -174,6 +174,15 @@ class Settings:
         """The ``connectivity`` argument scikit-image expects (1, 2 or 3)."""
         return {6: 1, 18: 2, 26: 3}[self.connectivity]
 
+    def subset_toml(self, fields: tuple[str, ...]) -> str:
+        """TOML of only ``fields``: what one step depends on, so that changing a detection
+        threshold does not invalidate the cached bias correction or registration.
+
+        >>> Settings(min_voxels=5).subset_toml(PREPARE_FIELDS) == Settings().subset_toml(PREPARE_FIELDS)
+        True
+        """
+        return tomli_w.dumps({k: v for k, v in self.to_dict().items() if k in fields})
+
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
 
@@ -215,6 +224,11 @@ class Settings:
             return cls.from_toml_string(text)
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"settings file {path} is not valid TOML: {exc}") from None
+
+
+#: the settings each preprocessing step depends on (detection depends on all top-level ones)
+PREPARE_FIELDS = ("bias_correct", "n4_shrink", "n4_iterations")
+REGISTER_FIELDS = ("register", "registration_sampling")
 
 
 def _to_plain(obj: Any) -> Any:

@@ -53,7 +53,12 @@ def init_visit_wf(*, post_file: str, pre_file: str | None, subject: str, session
     outputnode = pe.Node(niu.IdentityInterface(fields=["gel_count", "gel_mask"]),
                          name="outputnode")
     title = f"sub-{subject} ses-{session}"
-    preproc_wf = init_preproc_wf(has_pre=has_pre, title=title, settings_toml=settings_toml,
+    from lesionpipe.settings import PREPARE_FIELDS, REGISTER_FIELDS, Settings
+
+    settings = Settings.from_toml_string(settings_toml)
+    preproc_wf = init_preproc_wf(has_pre=has_pre, title=title,
+                                 prepare_toml=settings.subset_toml(PREPARE_FIELDS),
+                                 register_toml=settings.subset_toml(REGISTER_FIELDS),
                                  omp_nthreads=omp_nthreads)
     gel_wf = init_gel_wf(has_pre=has_pre, settings_toml=settings_toml)
     ds_visit = pe.Node(WriteDerivatives(output_dir=output_dir, prefix=prefix, subject=subject,
@@ -104,8 +109,8 @@ def init_visit_wf(*, post_file: str, pre_file: str | None, subject: str, session
     return workflow
 
 
-def init_preproc_wf(*, has_pre: bool, title: str, settings_toml: str, omp_nthreads: int = 1,
-                    name: str = "preproc_wf") -> pe.Workflow:
+def init_preproc_wf(*, has_pre: bool, title: str, prepare_toml: str, register_toml: str,
+                    omp_nthreads: int = 1, name: str = "preproc_wf") -> pe.Workflow:
     """Validate, bias-correct, register pre to post, mask the brain, normalise (NAWM = 100).
 
     Inputs:  post_t1w, pre_t1w (with ``has_pre``)
@@ -118,7 +123,7 @@ def init_preproc_wf(*, has_pre: bool, title: str, settings_toml: str, omp_nthrea
         fields=["post_norm", "pre_norm", "valid_mask", "registration_json", "brain_mask",
                 "wm_mask", "csf_level"]), name="outputnode")
     prep_post = pe.Node(PrepareScan(label=f"{title} ce-gadolinium T1w",
-                                    settings_toml=settings_toml, omp_nthreads=omp_nthreads),
+                                    settings_toml=prepare_toml, omp_nthreads=omp_nthreads),
                         name="prep_post", n_procs=omp_nthreads)
     brain_masks = pe.Node(BrainMasks(label=f"{title} ce-gadolinium T1w"), name="brain_masks")
     norm_post = pe.Node(NormaliseIntensity(), name="norm_post")
@@ -133,9 +138,9 @@ def init_preproc_wf(*, has_pre: bool, title: str, settings_toml: str, omp_nthrea
     ])  # fmt:skip
     if has_pre:
         prep_pre = pe.Node(PrepareScan(label=f"{title} T1w (pre-contrast)",
-                                       settings_toml=settings_toml, omp_nthreads=omp_nthreads),
+                                       settings_toml=prepare_toml, omp_nthreads=omp_nthreads),
                            name="prep_pre", n_procs=omp_nthreads)
-        register = pe.Node(RegisterToPost(settings_toml=settings_toml, omp_nthreads=omp_nthreads),
+        register = pe.Node(RegisterToPost(settings_toml=register_toml, omp_nthreads=omp_nthreads),
                            name="register", n_procs=omp_nthreads)
         norm_pre = pe.Node(NormaliseIntensity(), name="norm_pre")
         workflow.connect([

@@ -52,24 +52,42 @@ def _mode(values: np.ndarray, bins: int = 128) -> float:
 
 
 def tissue_levels(data: np.ndarray, region: np.ndarray) -> TissueLevels:
-    """CSF, GM and WM intensity levels from a region holding mostly brain (3-class Otsu + modes)."""
+    """CSF, GM and WM intensity levels from a region holding mostly brain.
+
+    White matter is the mode of the upper Otsu class (the brightest large tissue on T1); grey
+    matter the histogram peak between 0.45 and 0.92 of it; CSF the peak below 0.45 of it, or a
+    quarter of white matter when CSF is too scarce to form a peak.
+    """
     vals = data[region & np.isfinite(data)]
     if vals.size > 400_000:
         vals = vals[:: vals.size // 400_000 + 1]
     lo, hi = np.percentile(vals, [0.5, 99.5])
     vals = vals[(vals >= lo) & (vals <= hi)]
-    t1, t2 = threshold_multiotsu(vals, classes=3)
+    t2 = threshold_multiotsu(vals, classes=3)[1]
     wm = _mode(vals[vals > t2])
-    gm = _mode(vals[(vals > t1) & (vals <= t2)])
-    csf = float(np.median(vals[vals <= t1]))
-    # a scan may hold so little CSF that the lowest class is grey matter: keep levels ordered
+    gm = _band_mode(vals, 0.45 * wm, 0.92 * wm, default=0.7 * wm)
+    csf = _band_mode(vals, 0.02 * wm, 0.45 * wm, default=0.25 * wm)
     gm = min(gm, 0.92 * wm)
     csf = min(csf, 0.75 * gm)
     return TissueLevels(csf=csf, gm=gm, wm=wm)
 
 
-def brain_mask(data: np.ndarray, zooms, head: np.ndarray, *, erosion_mm: float = 4.0,
-               closing_mm: float = 4.0) -> tuple[np.ndarray, TissueLevels]:
+def _band_mode(vals: np.ndarray, lo: float, hi: float, *, default: float) -> float:
+    """Histogram peak of ``vals`` inside [lo, hi]; ``default`` when the band is nearly empty or
+    the peak sits on an edge of the band (no peak of its own, only the tail of a neighbour)."""
+    band = vals[(vals >= lo) & (vals <= hi)]
+    if band.size < 0.01 * vals.size or band.size < 50:
+        return default
+    hist, edges = np.histogram(band, bins=48, range=(lo, hi))
+    hist = ndi.gaussian_filter1d(hist.astype(float), 1.5)
+    i = int(np.argmax(hist))
+    if i in (0, len(hist) - 1):
+        return default
+    return float(0.5 * (edges[i] + edges[i + 1]))
+
+
+def brain_mask(data: np.ndarray, zooms, head: np.ndarray, *, erosion_mm: float = 6.0,
+               closing_mm: float = 2.0) -> tuple[np.ndarray, TissueLevels]:
     """Brain mask (cerebrum, cerebellum, ventricles, sulci) of a bias-corrected T1 with skull.
 
     Returns the mask and the tissue levels found. Works at the native grid; anisotropy is handled
@@ -84,7 +102,10 @@ def brain_mask(data: np.ndarray, zooms, head: np.ndarray, *, erosion_mm: float =
     seed = _central_component(seed, head_depth, zooms)
     if not seed.any():
         raise ValueError("no brain found: the tissue classes did not separate (check the image)")
-    grown = dilate(seed, erosion_mm + 1.0, zooms) & (tissue | dilate(seed, 1.0, zooms))
+    # geodesic growth back into the tissue, 1 mm at a time, no further than the erosion
+    grown = seed
+    for _ in range(int(np.ceil(erosion_mm)) + 1):
+        grown = dilate(grown, 1.0, zooms) & tissue | grown
     grown = largest_component(grown)
     mask = close(grown, closing_mm, zooms)
     mask = ndi.binary_fill_holes(mask)
