@@ -97,6 +97,7 @@ def find_visits(bids_dir: str | Path, *, participants: list[str] | None = None,
     bids_dir = Path(bids_dir)
     if not bids_dir.is_dir():
         raise BidsError(f"{bids_dir} is not a directory")
+    bids_dir = bids_dir.resolve()  # Nipype nodes run in their own folders: absolute paths only
     want_sub = {strip_label(p, "sub") for p in participants} if participants else None
     want_ses = {strip_label(s, "ses") for s in sessions} if sessions else None
     subjects = sorted(p for p in bids_dir.glob("sub-*") if p.is_dir())

@@ -60,3 +60,9 @@ def test_two_pre_scans_without_entities_is_ambiguous(tmp_path):
     _touch(tmp_path, "sub-01/ses-a/anat/sub-01_ses-a_run-2_T1w.nii.gz")
     with pytest.raises(BidsError, match="several pre-contrast"):
         find_visits(tmp_path)
+
+
+def test_paths_are_absolute_even_from_a_relative_root(dataset, monkeypatch):
+    monkeypatch.chdir(dataset.parent)
+    visits = find_visits(dataset.name)
+    assert all(v.post.is_absolute() and (v.pre is None or v.pre.is_absolute()) for v in visits)
