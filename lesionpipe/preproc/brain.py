@@ -86,7 +86,7 @@ def _band_mode(vals: np.ndarray, lo: float, hi: float, *, default: float) -> flo
     return float(0.5 * (edges[i] + edges[i + 1]))
 
 
-def brain_mask(data: np.ndarray, zooms, head: np.ndarray, *, erosion_mm: float = 6.0,
+def brain_mask(data: np.ndarray, zooms, head: np.ndarray, *, erosion_mm: float = 4.0,
                closing_mm: float = 2.0) -> tuple[np.ndarray, TissueLevels]:
     """Brain mask (cerebrum, cerebellum, ventricles, sulci) of a bias-corrected T1 with skull.
 
@@ -116,18 +116,23 @@ def brain_mask(data: np.ndarray, zooms, head: np.ndarray, *, erosion_mm: float =
 
 
 def _central_component(mask: np.ndarray, head_depth: np.ndarray, zooms) -> np.ndarray:
-    """The largest component among those whose deepest point is deep inside the head."""
+    """Components reaching deep inside the head (the brain's pieces), not the scalp or marrow.
+
+    After the erosion the brain may fall into several pieces (cerebrum, cerebellum, a deep gyrus);
+    every sizeable piece whose deepest point is well inside the head is kept.
+    """
     lab, n = ndi.label(mask)
     if n == 0:
         return mask
-    sizes = np.bincount(lab.ravel())
+    vox = float(np.prod(zooms))
+    sizes = np.bincount(lab.ravel()) * vox
     sizes[0] = 0
-    depth_max = ndi.maximum(head_depth, lab, index=np.arange(n + 1))
-    deep = np.asarray(depth_max) > 0.5 * head_depth.max()
-    sizes = np.where(deep, sizes, 0)
-    if sizes.max() == 0:
+    depth_max = np.asarray(ndi.maximum(head_depth, lab, index=np.arange(n + 1)))
+    deep = (depth_max > 0.45 * head_depth.max()) & (sizes >= 500.0)
+    deep[0] = False
+    if not deep.any():
         return largest_component(mask)
-    return lab == int(np.argmax(sizes))
+    return deep[lab]
 
 
 def wm_mask(data: np.ndarray, brain: np.ndarray, levels: TissueLevels, zooms) -> np.ndarray:
