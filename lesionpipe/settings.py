@@ -128,8 +128,6 @@ class Settings:
     #: register pre to post (rigid, Mattes mutual information)
     register: bool = True
     registration_sampling: float = 0.05
-    #: resample both images to this isotropic-in-plane working resolution (mm); 0 = native
-    work_resolution_mm: float = 0.0
 
     # --- detection -----------------------------------------------------------------------
     #: enhancement threshold, in robust standard deviations of the brain's subtraction map
@@ -147,15 +145,14 @@ class Settings:
     #: candidates larger than this are not lesions (global enhancement, misregistration)
     max_volume_mm3: float = 20000.0
     #: minimum share of a candidate's 2 mm surroundings that reads as white matter
-    min_shell_wm: float = 0.25
+    min_shell_wm: float = 0.5
     #: volume / inscribed-ball volume above which a candidate is a vessel segment
-    max_tubularity: float = 3.0
+    max_tubularity: float = 2.8
     #: elongation (major/minor principal axis) above which a candidate is a vessel
-    max_elongation: float = 3.5
-    #: Frangi-style vesselness above which a candidate is a vessel
-    max_vesselness: float = 0.5
-    #: path of a shipped candidate classifier ("" = the package default, "none" = rules only)
-    classifier: str = ""
+    max_elongation: float = 2.8
+    #: with a pre-contrast scan: a lesion's own pre-contrast level (% of NAWM) is at least this;
+    #: lower is CSF or a vessel in a sulcus (acute lesions are at most mildly T1-hypointense)
+    min_pre_level_pct: float = 60.0
 
     analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
     review: ReviewSettings = field(default_factory=ReviewSettings)

@@ -133,6 +133,7 @@ def detect_lesions(post_n: np.ndarray, zooms, brain: np.ndarray, settings: Setti
             if not reason:
                 feats.update(_shape_context_features(piece, sl, enh, csf, ventricles, brain, ref,
                                                      zooms))
+                feats["has_pre"] = pre_n is not None
                 reason = _reject_reason(feats, settings)
             feats["split"] = how
             feats["decision"] = "accept" if not reason else "reject"
@@ -323,6 +324,8 @@ def _fill_2d(mask: np.ndarray, axis: int) -> np.ndarray:
 
 
 def _reject_reason(f: dict, s: Settings) -> str:
+    if f.get("has_pre") and f["ref_mean"] < s.min_pre_level_pct:
+        return "CSF or sulcal vessel (dark before contrast)"
     if f["local_contrast_pct"] < s.min_local_contrast_pct:
         return "no edge (diffuse signal change)"
     if f["shell_outside"] > 0.3:
