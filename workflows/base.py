@@ -78,6 +78,7 @@ def init_visit_wf(*, post_file: str, pre_file: str | None, subject: str, session
         (gel_wf, ds_visit, [("outputnode.labels", "labels"),
                             ("outputnode.lesion_table", "lesion_table"),
                             ("outputnode.candidates", "candidates"),
+                            ("outputnode.candidate_labels", "candidate_labels"),
                             ("outputnode.enhancement", "enhancement"),
                             ("outputnode.detection_json", "detection_json")]),
         (ds_visit, outputnode, [("gel_count", "gel_count"), ("out_mask", "gel_mask")]),
@@ -163,22 +164,25 @@ def init_gel_wf(*, has_pre: bool, settings_toml: str, name: str = "gel_wf") -> p
 
     Inputs:  post_norm, pre_norm and valid_mask (with ``has_pre``), brain_mask, wm_mask,
              csf_level, source_file (the original post-contrast scan, for the grid)
-    Outputs: labels, lesion_table, candidates, enhancement, detection_json, gel_count
+    Outputs: labels, lesion_table, candidates, candidate_labels, enhancement, detection_json,
+             gel_count
     """
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(
         fields=["post_norm", "pre_norm", "valid_mask", "brain_mask", "wm_mask", "csf_level",
                 "source_file"]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(
-        fields=["labels", "lesion_table", "candidates", "enhancement", "detection_json",
-                "gel_count"]), name="outputnode")
+        fields=["labels", "lesion_table", "candidates", "candidate_labels", "enhancement",
+                "detection_json", "gel_count"]), name="outputnode")
     detect = pe.Node(DetectGEL(settings_toml=settings_toml), name="detect")
     workflow.connect([
         (inputnode, detect, [("post_norm", "post_file"), ("brain_mask", "brain_mask"),
                              ("wm_mask", "wm_mask"), ("csf_level", "csf_level"),
                              ("source_file", "source_file")]),
         (detect, outputnode, [("labels", "labels"), ("lesion_table", "lesion_table"),
-                              ("candidates", "candidates"), ("enhancement", "enhancement"),
+                              ("candidates", "candidates"),
+                              ("candidate_labels", "candidate_labels"),
+                              ("enhancement", "enhancement"),
                               ("out_json", "detection_json"), ("n_lesions", "gel_count")]),
     ])  # fmt:skip
     if has_pre:

@@ -87,6 +87,7 @@ class _DerivInputSpec(BaseInterfaceInputSpec):
     labels = File(exists=True, mandatory=True, desc="lesion instance labels")
     lesion_table = File(exists=True, mandatory=True, desc="lesion table TSV")
     candidates = File(exists=True, mandatory=True, desc="candidate table TSV")
+    candidate_labels = File(exists=True, mandatory=True, desc="candidate label image")
     post_norm = File(exists=True, mandatory=True, desc="normalised post-contrast")
     pre_norm = File(exists=True, desc="normalised registered pre-contrast")
     enhancement = File(exists=True, mandatory=True, desc="enhancement map")
@@ -136,6 +137,8 @@ class WriteDerivatives(SimpleInterface):
                           table.to_csv(sep="\t", index=False))
         atomic_write_text(anat / f"{post_pfx}_space-orig_desc-candidates_table.tsv",
                           Path(i.candidates).read_text())
+        cand = np.asanyarray(nb.load(i.candidate_labels).dataobj).astype(np.int32)
+        atomic_save_nifti(like_image(cand, ref), anat / f"{post_pfx}_space-orig_desc-candidates_dseg.nii.gz")
 
         def _img(path, name, dtype=np.float32):
             data = np.asanyarray(nb.load(path).dataobj).astype(np.float32)

@@ -188,6 +188,7 @@ class _DetectOutputSpec(TraitedSpec):
     labels = File(exists=True, desc="instance labels of accepted lesions")
     enhancement = File(exists=True, desc="enhancement map, % of NAWM")
     candidates = File(exists=True, desc="every candidate with features and decision (TSV)")
+    candidate_labels = File(exists=True, desc="candidate k = row k of the candidate table")
     lesion_table = File(exists=True, desc="lesion table (TSV)")
     n_lesions = traits.Int(desc="number of GELs")
     out_json = File(exists=True, desc="detection figures: noise, thresholds")
@@ -216,6 +217,8 @@ class DetectGEL(SimpleInterface):
         table = lesion_table(det.labels, det.enhancement, src.affine)
         self._results["labels"] = _save(det.labels, img, "labels.nii", np.int16)
         self._results["enhancement"] = _save(det.enhancement, img, "enhancement.nii")
+        self._results["candidate_labels"] = _save(det.candidate_labels, img, "candidates.nii",
+                                                  np.int32)
         cand = os.path.abspath("candidates.tsv")
         det.candidates.to_csv(cand, sep="\t", index=False, float_format="%.3f")
         self._results["candidates"] = cand

@@ -109,8 +109,14 @@ def detect_lesions(post_n: np.ndarray, zooms, brain: np.ndarray, settings: Setti
     ventricles = _ventricles(csf, depth, zooms)
     vox_vol = float(np.prod(zooms))
 
+    model = None
+    if settings.classifier != "none":
+        from lesionpipe.lesions.classifier import load_model
+
+        model = load_model(settings.classifier or None)
+
     rows = []
-    accepted: list[np.ndarray] = []
+    boxes: dict[int, tuple] = {}          # row index -> (slices, piece) of candidates still open
     cand_labels = np.zeros(lab.shape, np.int32)
     pad = np.ceil(3.0 / zooms).astype(int) + 1
     for idx, box in enumerate(ndi.find_objects(lab), start=1):
@@ -134,16 +140,34 @@ def detect_lesions(post_n: np.ndarray, zooms, brain: np.ndarray, settings: Setti
                 feats.update(_shape_context_features(piece, sl, enh, csf, ventricles, brain, ref,
                                                      zooms))
                 feats["has_pre"] = pre_n is not None
-                reason = _reject_reason(feats, settings)
+                feats["slice_mm"] = float(zooms.max())
+                feats["contrast_z"] = feats["local_contrast_pct"] / max(sigma, 1e-6)
+                reason = _hard_reject(feats, settings) if model else _reject_reason(feats, settings)
             feats["split"] = how
-            feats["decision"] = "accept" if not reason else "reject"
             feats["reason"] = reason
             rows.append(feats)
             cand_labels[sl][piece & (cand_labels[sl] == 0)] = len(rows)
             if not reason:
-                full = np.zeros(lab.shape, bool)
-                full[sl] = piece
-                accepted.append(full)
+                boxes[len(rows) - 1] = (sl, piece)
+
+    table = pd.DataFrame(rows)
+    if model is not None and boxes:
+        keys = sorted(boxes)
+        prob = model.probability(table.loc[keys])
+        table["probability"] = np.nan
+        table.loc[keys, "probability"] = prob
+        for key, p in zip(keys, prob):
+            if p < settings.min_probability:
+                table.loc[key, "reason"] = f"classifier: p = {p:.2f}"
+                del boxes[key]
+    if len(table):
+        table["decision"] = np.where(table["reason"].astype(bool), "reject", "accept")
+    accepted = []
+    for key in sorted(boxes):
+        sl, piece = boxes[key]
+        full = np.zeros(lab.shape, bool)
+        full[sl] = piece
+        accepted.append(full)
 
     labels = np.zeros(lab.shape, np.int32)
     # number accepted lesions by position (superior to inferior, then left-right): stable ids
@@ -152,7 +176,6 @@ def detect_lesions(post_n: np.ndarray, zooms, brain: np.ndarray, settings: Setti
     for new_id, i in enumerate(order, start=1):
         labels[accepted[i] & (labels == 0)] = new_id
     labels = _relabel_connected(labels, conn)
-    table = pd.DataFrame(rows)
     return Detection(labels=labels, enhancement=enh, candidates=table, noise_sigma=sigma,
                      candidate_labels=cand_labels,
                      thresholds={"high_pct": hi, "low_pct": lo, "sigma_pct": sigma})
@@ -323,7 +346,15 @@ def _fill_2d(mask: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(out, 0, axis)
 
 
+def _hard_reject(f: dict, s: Settings) -> str:
+    """What no lesion can be, whatever the classifier says: outside the brain's surroundings."""
+    if f["shell_outside"] > 0.3:
+        return "brain surface (dura/sinus/meninges)"
+    return ""
+
+
 def _reject_reason(f: dict, s: Settings) -> str:
+    """Rules only (``classifier = "none"``): each feature on its own limit."""
     if f.get("has_pre") and f["ref_mean"] < s.min_pre_level_pct:
         return "CSF or sulcal vessel (dark before contrast)"
     if f["local_contrast_pct"] < s.min_local_contrast_pct:

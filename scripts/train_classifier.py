@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""Train the candidate classifier shipped as lesionpipe/data/gel_classifier.json.
+
+Reproducible from seeds: draw phantom datasets, run the pipeline with the classifier switched off
+(so every candidate keeps its features), label candidates against the truth, fit the L2-penalised
+logistic model, and report leave-one-subject-out figures before writing the model::
+
+    python scripts/train_classifier.py TRAIN_ROOT --seeds 201 202 203 --subjects 4 [--stress-seeds 301]
+    python scripts/train_classifier.py TRAIN_ROOT --reuse   # candidates already computed
+
+A candidate is labelled a lesion when at least 30 % of its voxels lie on counted truth lesions,
+a mimic when none do; candidates touching only uncounted (sub-threshold) truth lesions or
+half-overlapping ones are left out of training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+import pandas as pd
+
+
+def _datasets(root: Path, seeds, stress_seeds, subjects, weeks):
+    from lesionpipe.phantom import write_dataset
+
+    out = []
+    for seed, stress in [(s, False) for s in seeds] + [(s, True) for s in stress_seeds]:
+        base = root / f"seed{seed}{'_stress' if stress else ''}"
+        if not (base / "bids").exists():
+            write_dataset(base / "bids", base / "truth", n_subjects=subjects, weeks=weeks,
+                          seed=seed, stress=stress, size="full")
+        out.append(base)
+    return out
+
+
+def _run(base: Path, nprocs: int) -> None:
+    from lesionpipe.cli import main as cli
+
+    toml = base / "rules_only.toml"
+    toml.write_text('classifier = "none"\n')
+    cli(["run", str(base / "bids"), str(base / "out"), "-w", str(base / "work"),
+         "--nprocs", str(nprocs), "--no-reports", "--settings", str(toml)])
+
+
+def labelled_candidates(out_dir: Path, truth_dir: Path) -> pd.DataFrame:
+    truth_lesions = pd.read_csv(truth_dir / "truth_lesions.tsv", sep="\t")
+    rows = []
+    for table_file in sorted(out_dir.glob("sub-*/ses-*/anat/*_desc-candidates_table.tsv")):
+        sub, ses = table_file.name.split("_")[:2]
+        table = pd.read_csv(table_file, sep="\t")
+        if "contrast_z" not in table or table.empty:
+            continue
+        cand = np.asanyarray(nb.load(str(table_file).replace("_table.tsv", "_dseg.nii.gz")).dataobj)
+        truth = np.asanyarray(nb.load(truth_dir / sub / ses /
+                                      f"{sub}_{ses}_label-GEL_dseg.nii.gz").dataobj)
+        tl = truth_lesions[(truth_lesions.participant_id == sub) &
+                           (truth_lesions.session_id == ses)]
+        counted = np.zeros(int(truth.max()) + 1, bool)
+        counted[tl[tl.counted == 1].lesion_id.astype(int)] = True
+        on_counted = counted[truth]
+        on_any = truth > 0
+        n = np.bincount(cand.ravel(), minlength=len(table) + 1)
+        hit = np.bincount(cand.ravel(), weights=on_counted.ravel(), minlength=len(table) + 1)
+        anyhit = np.bincount(cand.ravel(), weights=on_any.ravel(), minlength=len(table) + 1)
+        frac = hit[1:len(table) + 1] / np.maximum(n[1:len(table) + 1], 1)
+        frac_any = anyhit[1:len(table) + 1] / np.maximum(n[1:len(table) + 1], 1)
+        table["label"] = np.where(frac >= 0.3, 1, np.where(frac_any == 0, 0, -1))
+        table["participant_id"], table["session_id"] = sub, ses
+        table["dataset"] = out_dir.parent.name
+        rows.append(table)
+    data = pd.concat(rows, ignore_index=True)
+    # only what reaches the classifier in the pipeline: features computed, hard rules passed
+    keep = data["contrast_z"].notna() & (data["shell_outside"] <= 0.3) & (data["label"] >= 0)
+    return data[keep].reset_index(drop=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("root", type=Path)
+    ap.add_argument("--seeds", type=int, nargs="*", default=[201, 202, 203])
+    ap.add_argument("--stress-seeds", type=int, nargs="*", default=[301])
+    ap.add_argument("--subjects", type=int, default=4)
+    ap.add_argument("--weeks", type=int, nargs="+", default=[0, 4, 12])
+    ap.add_argument("--nprocs", type=int, default=2)
+    ap.add_argument("--reuse", action="store_true", help="use candidates already computed")
+    ap.add_argument("--l2", type=float, default=1.0)
+    ap.add_argument("--out", type=Path, default=None, help="model JSON (default: the shipped one)")
+    args = ap.parse_args()
+
+    from lesionpipe.lesions.classifier import DEFAULT_MODEL, train
+
+    if args.reuse:
+        bases = sorted(p for p in args.root.iterdir() if (p / "out").is_dir())
+    else:
+        bases = _datasets(args.root, args.seeds, args.stress_seeds, args.subjects,
+                          tuple(args.weeks))
+        for base in bases:
+            _run(base, args.nprocs)
+    data = pd.concat([labelled_candidates(b / "out", b / "truth") for b in bases],
+                     ignore_index=True)
+    y = data["label"].to_numpy()
+    print(f"training candidates: {len(data)} ({int(y.sum())} lesions, {int((y == 0).sum())} "
+          f"mimics) from {data.groupby(['dataset', 'participant_id', 'session_id']).ngroups} "
+          "visits")
+
+    # leave-one-subject-out: probability of each candidate from a model that never saw its subject
+    groups = data["dataset"] + "/" + data["participant_id"]
+    prob = np.zeros(len(data))
+    for g in groups.unique():
+        test = (groups == g).to_numpy()
+        prob[test] = train(data[~test], y[~test], l2=args.l2).probability(data[test])
+    for thr in (0.3, 0.5, 0.7):
+        tp = int(((prob >= thr) & (y == 1)).sum())
+        fp = int(((prob >= thr) & (y == 0)).sum())
+        visits = data.groupby(["dataset", "participant_id", "session_id"]).ngroups
+        print(f"LOSO threshold {thr}: candidate sensitivity {tp / max(y.sum(), 1):.3f}, "
+              f"false positives per visit {fp / visits:.2f}")
+    model = train(data, y, l2=args.l2, info={
+        "trained_on": [b.name for b in bases], "n_candidates": int(len(data)),
+        "n_lesions": int(y.sum()), "l2": args.l2,
+        "labelling": "lesion if >= 30% of voxels on counted truth lesions; mimic if none"})
+    out = args.out or DEFAULT_MODEL
+    model.to_json(out)
+    print("coefficients (standardised features):")
+    for name, c in sorted(zip(model.names, model.coef), key=lambda t: -abs(t[1])):
+        print(f"  {name:20s} {c:+.3f}")
+    print(f"model written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
