@@ -48,12 +48,15 @@ def test_blob_in_white_matter_is_found_and_tube_rejected(zooms, with_pre):
     post[tube] += 60
     pre_n = pre + noise()
     post_n = post + noise()
-    det = _run(post_n, pre_n if with_pre else None, brain, zooms)
+    det = _run(post_n, pre_n if with_pre else None, brain, zooms, classifier="none")
     assert det.labels.max() == 1
     assert det.labels[lesion].any()
     assert not det.labels[tube & ~lesion].any()
     rejected = det.candidates[det.candidates.decision == "reject"]
     assert "tubular (vessel)" in set(rejected.reason)
+    # the shipped classifier agrees on this clear case
+    det = _run(post_n, pre_n if with_pre else None, brain, zooms)
+    assert det.labels[lesion].any() and not det.labels[tube & ~lesion].any()
 
 
 def test_surface_enhancement_and_tiny_foci_are_rejected():
@@ -109,3 +112,36 @@ def test_principal_axes_of_a_rod_are_elongated():
     rod = np.argwhere(np.ones((12, 2, 2), bool))
     axes = principal_axes_mm(rod, (1, 1, 1))
     assert axes[0] / axes[1] > 5
+
+
+def _model_file(tmp_path, intercept):
+    from lesionpipe.lesions.classifier import FEATURES, LogisticModel
+
+    k = len(FEATURES)
+    path = tmp_path / f"model_{intercept}.json"
+    LogisticModel(mean=np.zeros(k), scale=np.ones(k), coef=np.zeros(k), intercept=intercept,
+                  names=tuple(FEATURES), info={}).to_json(path)
+    return str(path)
+
+
+def test_classifier_decides_among_candidates_passing_the_hard_rules(tmp_path):
+    grid, brain, pre, noise, zooms = _brain()
+    post = pre.copy()
+    lesion = _ball(grid, (40, 40, 24), 3.0)
+    post[lesion] += 40
+    post_n, pre_n = post + noise(), pre + noise()
+    never = _run(post_n, pre_n, brain, zooms, classifier=_model_file(tmp_path, -50.0))
+    always = _run(post_n, pre_n, brain, zooms, classifier=_model_file(tmp_path, 50.0))
+    assert never.labels.max() == 0
+    assert always.labels.max() >= 1 and always.labels[lesion].any()
+    assert "probability" in always.candidates
+    assert never.candidates.reason.str.startswith("classifier").any()
+
+
+def test_a_model_with_other_features_is_refused(tmp_path):
+    from lesionpipe.lesions.classifier import LogisticModel
+
+    path = tmp_path / "old.json"
+    path.write_text('{"features": ["a"], "mean": [0], "scale": [1], "coef": [1], "intercept": 0}')
+    with pytest.raises(ValueError, match="retrain"):
+        LogisticModel.from_json(path)
