@@ -268,6 +268,7 @@ def evaluate(out_dir: Path, bids: Path, deriv: Path, imgs: dict, truth: dict) ->
                 visits.append(v)
                 continue
             masks[v["visit"]] = pred
+            diag = _pipeline_diagnostics(anat, key, tlab, trows, zooms)
             m = match_lesions(tlab, pred, {})
             by_label = {r["label"]: r for r in m["truth"]}
             det = det20 = strict = n20 = 0
@@ -281,7 +282,8 @@ def evaluate(out_dir: Path, bids: Path, deriv: Path, imgs: dict, truth: dict) ->
                        "pred_ids": ",".join(str(int(p)) for p in hit),
                        "pred_volume_mm3": ",".join(table.get(int(p), {}).get("volume_mm3", "?") for p in hit),
                        "pred_peak_pct": ",".join(table.get(int(p), {}).get("peak_enhancement_pct", "?")
-                                                 for p in hit)}
+                                                 for p in hit),
+                       **diag.get(r["label"], {})}
                 inserted_rows.append(row)
                 det += mt["detected"]
                 strict += mt["detected_strict"]
@@ -389,6 +391,49 @@ def evaluate(out_dir: Path, bids: Path, deriv: Path, imgs: dict, truth: dict) ->
         o.pop("_com", None)
     return {"visits": visits, "inserted": inserted_rows, "others": others, "sites": site_rows,
             "misses": miss_rows, "post_wm_mode": post_ref, "pre_wm_mode": pre_ref}
+
+
+def _pipeline_diagnostics(anat: Path, key: tuple, tlab: np.ndarray, trows: list[dict], zooms) -> dict:
+    """Per inserted lesion: what the pipeline's own images say there (for explaining misses).
+
+    ``in_brain_mask``: fraction of the lesion inside the pipeline's brain mask; ``pipeline_enh_median``:
+    median of the enhancement map (% of white matter) inside the lesion; ``candidate``: decision and
+    reason of the detector's candidates whose centroid lies within 2 mm of the lesion (from the
+    optional ``desc-candidates_table.tsv``), ``none`` when no candidate was formed there.
+    """
+    stem = anat / f"{key[0]}_{key[1]}_ce-gadolinium_space-orig_"
+    out: dict = {r["label"]: {} for r in trows}
+    if not trows:
+        return out
+    brain = stem.with_name(stem.name + "desc-brain_mask.nii.gz")
+    enh = stem.with_name(stem.name + "desc-enhancement_map.nii.gz")
+    cand = stem.with_name(stem.name + "desc-candidates_table.tsv")
+    bmask = np.asarray(nb.load(str(brain)).dataobj) > 0 if brain.is_file() else None
+    emap = nb.load(str(enh)).get_fdata(dtype=np.float32) if enh.is_file() else None
+    cands = _read_tsv(cand) if cand.is_file() else None
+    for r in trows:
+        les = tlab == r["label"]
+        d = out[r["label"]]
+        if bmask is not None and bmask.shape == les.shape:
+            d["in_brain_mask"] = round(float(bmask[les].mean()), 2)
+        if emap is not None and emap.shape == les.shape:
+            d["pipeline_enh_median"] = round(float(np.median(emap[les])), 1)
+        if cands is not None:
+            lo = np.maximum(np.argwhere(les).min(axis=0) - 4, 0)
+            hi = np.argwhere(les).max(axis=0) + 5
+            box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+            grown = ndi.distance_transform_edt(~les[box], sampling=zooms) <= 2.0
+            found = []
+            for c in cands:
+                try:
+                    ijk = [int(round(float(c[f"centroid_{a}"]))) - int(o) for a, o in zip("ijk", lo)]
+                except (KeyError, ValueError):
+                    continue
+                if all(0 <= x < n for x, n in zip(ijk, grown.shape)) and grown[tuple(ijk)]:
+                    found.append(f"{c.get('decision', '?')}: {c.get('reason') or 'kept'} "
+                                 f"({float(c.get('volume_mm3', 'nan')):.0f} mm3)")
+            d["candidate"] = "; ".join(found) or "none"
+    return out
 
 
 def _visit_post(cache: dict, bids: Path, visit: str, post0: np.ndarray) -> np.ndarray:
@@ -570,12 +615,15 @@ def write_html(path: Path, out_dir: Path, res: dict, summary_text: str, meta: di
              "outline; orange: detections nearby.</p>")
     for r in res["misses"]:
         cap = (f"{r['visit']} inserted #{r['label']}: {r['volume_mm3']:.0f} mm3, {r['kind']}, "
-               f"+{r['enhancement_pct']}% of local white matter")
+               f"+{r['enhancement_pct']}% of local white matter; in the pipeline's brain mask: "
+               f"{r.get('in_brain_mask', 'n/a')}; enhancement map median {r.get('pipeline_enh_median', 'n/a')}%; "
+               f"detector candidate here: {r.get('candidate', 'n/a')}")
         p.append(f"<figure>{_img_tag(out_dir, r['crop'], cap)}<figcaption>{html.escape(cap)}</figcaption></figure>")
     p.append("<h2>Inserted lesions</h2>")
     p.append(_table(res["inserted"], ["visit", "mode", "label", "kind", "volume_mm3", "enhancement_pct",
                                       "centre_x", "centre_y", "centre_z", "detected", "detected_strict",
-                                      "overlap_fraction", "pred_ids", "pred_volume_mm3", "pred_peak_pct"]))
+                                      "overlap_fraction", "pred_ids", "pred_volume_mm3", "pred_peak_pct",
+                                      "in_brain_mask", "pipeline_enh_median", "candidate"]))
     p.append("</body></html>")
     path.write_text("\n".join(p))
 
