@@ -25,7 +25,8 @@ Usage (from the repository root; the detector is whatever ``lesionpipe`` the ven
 The scans default to ``<repo>/../shared/real_scans/open_ms_patient07`` (``--scans`` to change).
 Writes to ``--out``: summary.tsv, inserted_lesions.tsv, other_detections.tsv, results.json,
 report.html (self-contained), crops/*.png, truth/ (inserted labels) and pipeline_log.txt.
-Re-running with the same ``--work`` reuses the pipeline's finished steps.
+Re-running with the same ``--work`` reuses the pipeline's finished steps; Nipype's cache is keyed
+on inputs, not on code, so after a change to the detector use a fresh ``--work`` (the default).
 See docs/real_scan_evaluation.md.
 """
 
@@ -399,7 +400,8 @@ def _pipeline_diagnostics(anat: Path, key: tuple, tlab: np.ndarray, trows: list[
     ``in_brain_mask``: fraction of the lesion inside the pipeline's brain mask; ``pipeline_enh_median``:
     median of the enhancement map (% of white matter) inside the lesion; ``candidate``: decision and
     reason of the detector's candidates whose centroid lies within 2 mm of the lesion (from the
-    optional ``desc-candidates_table.tsv``), ``none`` when no candidate was formed there.
+    ``desc-candidates_dseg`` image when present, else candidates whose centroid lies within 2 mm of
+    the lesion in ``desc-candidates_table.tsv``), ``none`` when no candidate was formed there.
     """
     stem = anat / f"{key[0]}_{key[1]}_ce-gadolinium_space-orig_"
     out: dict = {r["label"]: {} for r in trows}
@@ -411,6 +413,8 @@ def _pipeline_diagnostics(anat: Path, key: tuple, tlab: np.ndarray, trows: list[
     bmask = np.asarray(nb.load(str(brain)).dataobj) > 0 if brain.is_file() else None
     emap = nb.load(str(enh)).get_fdata(dtype=np.float32) if enh.is_file() else None
     cands = _read_tsv(cand) if cand.is_file() else None
+    cseg_path = stem.with_name(stem.name + "desc-candidates_dseg.nii.gz")
+    cseg = np.asarray(nb.load(str(cseg_path)).dataobj) if cseg_path.is_file() and cands is not None else None
     for r in trows:
         les = tlab == r["label"]
         d = out[r["label"]]
@@ -418,7 +422,12 @@ def _pipeline_diagnostics(anat: Path, key: tuple, tlab: np.ndarray, trows: list[
             d["in_brain_mask"] = round(float(bmask[les].mean()), 2)
         if emap is not None and emap.shape == les.shape:
             d["pipeline_enh_median"] = round(float(np.median(emap[les])), 1)
-        if cands is not None:
+        if cseg is not None and cseg.shape == les.shape:  # candidate k = row k of the table
+            ids = [int(k) for k in np.unique(cseg[les]) if 0 < k <= len(cands)]
+            d["candidate"] = "; ".join(
+                f"{cands[k - 1].get('decision', '?')}: {cands[k - 1].get('reason') or 'kept'} "
+                f"({float(cands[k - 1].get('volume_mm3') or 'nan'):.0f} mm3)" for k in ids) or "none"
+        elif cands is not None:
             lo = np.maximum(np.argwhere(les).min(axis=0) - 4, 0)
             hi = np.argwhere(les).max(axis=0) + 5
             box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
@@ -484,7 +493,7 @@ def _crop_png(path: Path, post, pre, post_ref, pre_ref, target, pred, truth, t2,
     layers = {"post": post_n, "pre": pre_n, "diff": post_n - pre_n}
     outlines = [(cut(pred > 0) & ~cut(target), "orange"), (cut(truth > 0), "lime"), (cut(t2), "cyan"),
                 (cut(target), target_colour)]
-    fig = Figure(figsize=(7.2, 5.0), dpi=80)
+    fig = Figure(figsize=(7.6, 5.2), dpi=96)
     FigureCanvasAgg(fig)
     for r, plane in enumerate(("axial", "coronal")):
         idx = local[2] if plane == "axial" else local[1]
