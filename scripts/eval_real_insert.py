@@ -186,6 +186,23 @@ def find_lesionpipe(explicit: str | None) -> list[str]:
     raise EvalError("no `lesionpipe` command beside this Python or on PATH; pass --lesionpipe CMD")
 
 
+def detector_source(lp: list[str]) -> str:
+    """Where the detector's code lives and its git commit (best effort, for the record)."""
+    try:
+        first = Path(lp[0]).read_text(errors="replace").splitlines()[0]
+        python = first[2:].strip().split()[0] if first.startswith("#!") else sys.executable
+        where = subprocess.run([python, "-c", "import lesionpipe, os; print(os.path.dirname("
+                                "os.path.dirname(lesionpipe.__file__)))"], capture_output=True, cwd="/",
+                               text=True, timeout=60).stdout.strip()
+        commit = subprocess.run(["git", "-C", where, "log", "-1", "--format=%h %s"], capture_output=True,
+                                text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+        return f"{where} @ {commit or 'unknown commit'}{' (uncommitted changes)' if dirty else ''}"
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def run_pipeline(cmd: list[str], log: Path) -> int:
     env = dict(os.environ, NIPYPE_NO_ET="1")
     print("$ " + " ".join(cmd), flush=True)
@@ -664,6 +681,8 @@ def main(argv=None) -> int:
             raise EvalError(f"--out {out_dir} is inside the scans folder {scans}")
         lp = find_lesionpipe(args.lesionpipe)
         version = subprocess.run(lp + ["--version"], capture_output=True, text=True).stdout.strip()
+        source = detector_source(lp)
+        print(f"detector: {version}, code {source}", flush=True)
         tmp = None
         work = args.work.resolve() if args.work else Path(tmp := tempfile.mkdtemp(prefix="real_insert_"))
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -683,7 +702,7 @@ def main(argv=None) -> int:
         rows, text = summarise(res)
         meta = {"command": " ".join([Path(sys.executable).name, "scripts/eval_real_insert.py"]
                                      + (argv if argv is not None else sys.argv[1:])),
-                "detector": version, "lesionpipe_command": " ".join(lp), "pipeline_exit_code": rc,
+                "detector": version, "detector_code": source, "lesionpipe_command": " ".join(lp), "pipeline_exit_code": rc,
                 "scans": scans.name, "seeds": args.seeds, "n_lesions_per_visit": args.n_lesions,
                 "insertion": "lesionpipe.realinsert.insert_lesions defaults (15-500 mm3 log-uniform, "
                              "+20-80% of local WM, 30% of lesions >= 80 mm3 ring-enhancing, >= 8 mm apart, "
