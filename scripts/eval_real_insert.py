@@ -655,7 +655,7 @@ def write_html(path: Path, out_dir: Path, res: dict, summary_text: str, meta: di
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scans", type=Path, default=None,
                     help="folder with T1POST_mni, T1_mni and T2_lesions_consensus_mni (.nii.gz); default "
@@ -673,6 +673,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lesionpipe", default=None,
                     help="command that runs lesionpipe (default: the one beside this Python)")
     args = ap.parse_args(argv)
+    tmp = None
     try:
         scans = (args.scans or default_scans()).resolve()
         imgs = load_scans(scans)
@@ -683,7 +684,6 @@ def main(argv=None) -> int:
         version = subprocess.run(lp + ["--version"], capture_output=True, text=True).stdout.strip()
         source = detector_source(lp)
         print(f"detector: {version}, code {source}", flush=True)
-        tmp = None
         work = args.work.resolve() if args.work else Path(tmp := tempfile.mkdtemp(prefix="real_insert_"))
         out_dir.mkdir(parents=True, exist_ok=True)
         bids, deriv = work / "bids", work / "derivatives"
@@ -719,12 +719,13 @@ def main(argv=None) -> int:
         print()
         print(text)
         print(f"\nresults: {out_dir}/report.html, summary.tsv, inserted_lesions.tsv, other_detections.tsv")
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
         return 0 if rc == 0 else 1
     except EvalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
