@@ -457,7 +457,7 @@ def _pipeline_diagnostics(anat: Path, key: tuple, tlab: np.ndarray, trows: list[
                     continue
                 if all(0 <= x < n for x, n in zip(ijk, grown.shape)) and grown[tuple(ijk)]:
                     found.append(f"{c.get('decision', '?')}: {c.get('reason') or 'kept'} "
-                                 f"({float(c.get('volume_mm3', 'nan')):.0f} mm3)")
+                                 f"({float(c.get('volume_mm3') or 'nan'):.0f} mm3)")
             d["candidate"] = "; ".join(found) or "none"
     return out
 
