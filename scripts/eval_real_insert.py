@@ -308,7 +308,8 @@ def evaluate(out_dir: Path, bids: Path, deriv: Path, imgs: dict, truth: dict) ->
                 if r["volume_mm3"] >= 20:
                     n20 += 1
                     det20 += mt["detected"]
-            v.update(inserted=n_t, detected=det, inserted_ge20=n20, detected_ge20=det20, detected_strict=strict)
+            v.update(inserted=n_t, detected=det, inserted_ge20=n20, detected_ge20=det20,
+                     detected_strict=strict)
             n_other = on_t2 = 0
             for pr in m["pred"]:
                 if pr["status"] == "tp":
@@ -627,13 +628,15 @@ def write_html(path: Path, out_dir: Path, res: dict, summary_text: str, meta: di
          "(real MS lesions). Hints are automatic, not a classification.</p>",
          "<h2>Places of other detections (not overlapping an inserted lesion)</h2>"]
     for s in res["sites"]:
-        cap = (f"site {s['site']}: found in {s['n_visits']} visit(s) ({s['modes']}); max {s['max_volume_mm3']:.0f}"
+        cap = (f"site {s['site']}: found in {s['n_visits']} visit(s) ({s['modes']}); "
+               f"max {s['max_volume_mm3']:.0f}"
                f" mm3, peak {s['max_peak_pct']:.0f}%; voxel {s['centroid_ijk']}, world {s['centroid_xyz']}; "
                f"hints: {s['hints']}; visits: {s['visits']}")
         p.append(f"<figure>{_img_tag(out_dir, s['crop'], cap)}<figcaption>{html.escape(cap)}"
                  "</figcaption></figure>")
     p.append("<h2>Every other detection</h2>")
-    p.append(_table(res["others"], ["visit", "mode", "lesion_id", "site", "volume_mm3", "mean_enhancement_pct",
+    p.append(_table(res["others"], ["visit", "mode", "lesion_id", "site", "volume_mm3",
+                                    "mean_enhancement_pct",
                                     "peak_enhancement_pct", "centroid_x", "centroid_y", "centroid_z",
                                     "t2_overlap_voxels", "depth_below_brain_surface_mm", "pre_pct_wm",
                                     "elongation", "also_in_unmodified", "hints"]))
@@ -642,9 +645,11 @@ def write_html(path: Path, out_dir: Path, res: dict, summary_text: str, meta: di
     for r in res["misses"]:
         cap = (f"{r['visit']} inserted #{r['label']}: {r['volume_mm3']:.0f} mm3, {r['kind']}, "
                f"+{r['enhancement_pct']}% of local white matter; in the pipeline's brain mask: "
-               f"{r.get('in_brain_mask', 'n/a')}; enhancement map median {r.get('pipeline_enh_median', 'n/a')}%; "
+               f"{r.get('in_brain_mask', 'n/a')}; enhancement map median "
+               f"{r.get('pipeline_enh_median', 'n/a')}%; "
                f"detector candidate here: {r.get('candidate', 'n/a')}")
-        p.append(f"<figure>{_img_tag(out_dir, r['crop'], cap)}<figcaption>{html.escape(cap)}</figcaption></figure>")
+        p.append(f"<figure>{_img_tag(out_dir, r['crop'], cap)}<figcaption>{html.escape(cap)}"
+                 "</figcaption></figure>")
     p.append("<h2>Inserted lesions</h2>")
     p.append(_table(res["inserted"], ["visit", "mode", "label", "kind", "volume_mm3", "enhancement_pct",
                                       "centre_x", "centre_y", "centre_z", "detected", "detected_strict",
@@ -688,7 +693,8 @@ def main(argv=None) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         bids, deriv = work / "bids", work / "derivatives"
         t0 = time.time()
-        print(f"building the dataset in {bids} ({len(args.seeds)} seeds x {args.n_lesions} lesions)", flush=True)
+        print(f"building the dataset in {bids} ({len(args.seeds)} seeds x {args.n_lesions} lesions)",
+              flush=True)
         truth = build_dataset(imgs, bids, out_dir / "truth", args.seeds, args.n_lesions,
                               not args.no_unmodified)
         cmd = lp + ["run", str(bids), str(deriv), "-w", str(work / "nipype"), "--nprocs", str(args.nprocs)]
@@ -702,7 +708,8 @@ def main(argv=None) -> int:
         rows, text = summarise(res)
         meta = {"command": " ".join([Path(sys.executable).name, "scripts/eval_real_insert.py"]
                                      + (argv if argv is not None else sys.argv[1:])),
-                "detector": version, "detector_code": source, "lesionpipe_command": " ".join(lp), "pipeline_exit_code": rc,
+                "detector": version, "detector_code": source, "lesionpipe_command": " ".join(lp),
+                "pipeline_exit_code": rc,
                 "scans": scans.name, "seeds": args.seeds, "n_lesions_per_visit": args.n_lesions,
                 "insertion": "lesionpipe.realinsert.insert_lesions defaults (15-500 mm3 log-uniform, "
                              "+20-80% of local WM, 30% of lesions >= 80 mm3 ring-enhancing, >= 8 mm apart, "
@@ -713,8 +720,8 @@ def main(argv=None) -> int:
         write_tsv(out_dir / "inserted_lesions.tsv", res["inserted"])
         write_tsv(out_dir / "other_detections.tsv", res["others"])
         write_tsv(out_dir / "sites.tsv", res["sites"])
-        (out_dir / "results.json").write_text(json.dumps({"meta": meta, "summary": rows, "sites": res["sites"]},
-                                                         indent=1, default=str))
+        (out_dir / "results.json").write_text(json.dumps(
+            {"meta": meta, "summary": rows, "sites": res["sites"]}, indent=1, default=str))
         write_html(out_dir / "report.html", out_dir, res, text, meta)
         print()
         print(text)
