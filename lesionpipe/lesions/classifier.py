@@ -28,6 +28,8 @@ FEATURES = {
     "log_elongation": lambda d: np.log(d["elongation"].clip(lower=1.0)),
     "log_flatness": lambda d: np.log(d["flatness"].clip(lower=1.0)),
     "log_tubularity": lambda d: np.log(d["tubularity"].clip(lower=0.1)),
+    "blobness": lambda d: d["blobness"],
+    "log_parent_ratio": lambda d: np.log(d["parent_ratio"].clip(lower=1.0)),
     "depth_mm": lambda d: d["depth_mm"].clip(upper=20.0),
     "shell_csf": lambda d: d["shell_csf"],
     "shell_outside": lambda d: d["shell_outside"],

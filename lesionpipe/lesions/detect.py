@@ -142,6 +142,8 @@ def detect_lesions(post_n: np.ndarray, zooms, brain: np.ndarray, settings: Setti
                 feats["has_pre"] = pre_n is not None
                 feats["slice_mm"] = float(zooms.max())
                 feats["contrast_z"] = feats["local_contrast_pct"] / max(sigma, 1e-6)
+                # a piece of a larger enhancing structure (vessel tree, plexus) vs on its own
+                feats["parent_ratio"] = float(comp.sum()) / max(feats["n_voxels"], 1)
                 reason = _hard_reject(feats, settings) if model else _reject_reason(feats, settings)
             feats["split"] = how
             feats["reason"] = reason
@@ -190,9 +192,7 @@ def _peel(comp: np.ndarray, enh_s: np.ndarray, *, lo: float, hi: float, conn: np
     Smoothing does not inflate small lesions either, as the extent is a half-maximum.
     """
     remaining = comp.copy()
-    for _ in range(50):
-        if not remaining.any():
-            return
+    while remaining.any():
         vals = np.where(remaining, enh_s, -np.inf)
         peak_idx = np.unravel_index(int(np.argmax(vals)), vals.shape)
         peak = float(vals[peak_idx])
@@ -284,6 +284,7 @@ def _shape_context_features(piece, sl, enh, csf, ventricles, brain, ref, zooms) 
     e = enh[sl][piece]
     axes = principal_axes_mm(coords, zooms)
     thick, tub = thickness_tubularity(piece, zooms)
+    blob = blobness(enh[sl], piece, zooms)
     shell = ndi.binary_dilation(piece, structure=ball(2.0, zooms)) & ~piece
     shell_n = max(int(shell.sum()), 1)
     shell_ref = ref[sl][shell]
@@ -294,6 +295,7 @@ def _shape_context_features(piece, sl, enh, csf, ventricles, brain, ref, zooms) 
         "length_mm": float(4 * axes[0]),
         "thickness_mm": thick,
         "tubularity": tub,
+        "blobness": blob,
         "shell_csf": float((csf[sl] & shell).sum() / shell_n),
         "shell_outside": float((~brain[sl] & shell).sum() / shell_n),
         "ventricle_frac": float((ventricles[sl] & piece).sum() / max(n, 1)),
@@ -336,6 +338,46 @@ def thickness_tubularity(piece: np.ndarray, zooms) -> tuple[float, float]:
     radius = float(edt.max())  # voxel centre to the nearest outside voxel centre
     volume = float(solid.sum() * np.prod(zooms))
     return 2.0 * radius, volume / (4.0 / 3.0 * np.pi * radius ** 3)
+
+
+def blobness(enh: np.ndarray, piece: np.ndarray, zooms, *, sigma_mm: float = 1.2) -> float:
+    """Smallest over largest Hessian eigenvalue magnitude at the candidate's brightest point.
+
+    Computed on the enhancement map smoothed at ~1 mm, which continues beyond the candidate: at
+    the peak of a compact bright blob all curvatures are alike (~1; ~0.3 for a 2:1 ovoid), along
+    a vessel one curvature vanishes (~0), on a sheet two do. On thick slices the curvature across
+    slices is unreliable, so the two in-plane curvatures are compared instead. 0 when the peak is
+    not a bright maximum (a saddle or a ridge of something else).
+
+    >>> g = np.indices((21, 21, 21)) - 10
+    >>> ball = np.exp(-(g ** 2).sum(0) / 8.0); rod = np.exp(-(g[1] ** 2 + g[2] ** 2) / 8.0)
+    >>> m = np.zeros(ball.shape, bool); m[8:13, 8:13, 8:13] = True
+    >>> blobness(ball, m, (1, 1, 1)) > 0.8, blobness(rod, m, (1, 1, 1)) < 0.1
+    (True, True)
+    """
+    zooms = np.asarray(zooms, float)
+    thick_axis = int(np.argmax(zooms))
+    thick = zooms[thick_axis] > 1.5 * np.delete(zooms, thick_axis).max()
+    sig = [sigma_mm / z for z in zooms]
+    if thick:
+        sig[thick_axis] = 0.0
+    data = np.asarray(enh, np.float32)
+    smooth = ndi.gaussian_filter(data, sig, mode="nearest")
+    peak = np.unravel_index(int(np.argmax(np.where(piece, smooth, -np.inf))), piece.shape)
+    axes = [a for a in range(3) if not (thick and a == thick_axis)]
+    hess = np.zeros((len(axes), len(axes)))
+    for i, a in enumerate(axes):
+        for j, b in enumerate(axes[i:], start=i):
+            order = [0, 0, 0]
+            order[a] += 1
+            order[b] += 1
+            d = ndi.gaussian_filter(data, sig, order=order, mode="nearest")[peak]
+            hess[i, j] = hess[j, i] = d / (zooms[a] * zooms[b])
+    ev = np.linalg.eigvalsh(hess)
+    if ev.max() >= 0:          # not a bright maximum in every direction
+        return 0.0
+    mags = np.abs(ev)
+    return float(mags.min() / mags.max())
 
 
 def _fill_2d(mask: np.ndarray, axis: int) -> np.ndarray:
