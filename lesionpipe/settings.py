@@ -153,7 +153,7 @@ class Settings:
     #: candidate classifier: "" = the shipped logistic model, a path to another, "none" = rules
     classifier: str = ""
     #: a candidate passing the hard rules is a lesion when the classifier's probability is at least
-    min_probability: float = 0.3
+    min_probability: float = 0.1
     #: with a pre-contrast scan: a lesion's own pre-contrast level (% of NAWM) is at least this;
     #: lower is CSF or a vessel in a sulcus (acute lesions are at most mildly T1-hypointense)
     min_pre_level_pct: float = 60.0
