@@ -26,7 +26,7 @@ import pandas as pd
 from scipy import ndimage as ndi
 from skimage.filters import apply_hysteresis_threshold
 
-from lesionpipe.preproc.morph import ball, dilate, smooth_mm
+from lesionpipe.preproc.morph import ball, dilate, fill_holes_2d, smooth_mm
 from lesionpipe.settings import Settings
 
 
@@ -323,7 +323,7 @@ def thickness_tubularity(piece: np.ndarray, zooms) -> tuple[float, float]:
     zooms = np.asarray(zooms, float)
     solid = ndi.binary_fill_holes(ndi.binary_closing(np.pad(piece, 2)))
     for axis in range(3):
-        solid |= _fill_2d(solid, axis)
+        solid |= fill_holes_2d(solid, axis)
     thick_axis = int(np.argmax(zooms))
     if zooms[thick_axis] > 1.5 * np.delete(zooms, thick_axis).max():
         # thick slices: judge the shape within the slice holding most of the candidate
@@ -378,14 +378,6 @@ def blobness(enh: np.ndarray, piece: np.ndarray, zooms, *, sigma_mm: float = 1.2
         return 0.0
     mags = np.abs(ev)
     return float(mags.min() / mags.max())
-
-
-def _fill_2d(mask: np.ndarray, axis: int) -> np.ndarray:
-    out = np.moveaxis(mask.copy(), axis, 0)
-    for i in range(out.shape[0]):
-        if out[i].any():
-            out[i] = ndi.binary_fill_holes(out[i])
-    return np.moveaxis(out, 0, axis)
 
 
 def _hard_reject(f: dict, s: Settings) -> str:

@@ -29,19 +29,12 @@ def head_mask(data: np.ndarray) -> np.ndarray:
     if n > 1:
         sizes = ndi.sum_labels(mask, lab, index=np.arange(1, n + 1))
         mask = lab == (1 + int(np.argmax(sizes)))
-    return _fill_holes_slicewise(ndi.binary_fill_holes(mask))
+    from lesionpipe.preproc.morph import fill_holes_2d
 
-
-def _fill_holes_slicewise(mask: np.ndarray) -> np.ndarray:
-    from scipy import ndimage as ndi
-
-    out = mask.copy()
+    mask = ndi.binary_fill_holes(mask)
     for axis in range(3):
-        for i in range(mask.shape[axis]):
-            sl = [slice(None)] * 3
-            sl[axis] = i
-            out[tuple(sl)] = ndi.binary_fill_holes(out[tuple(sl)])
-    return out
+        mask = fill_holes_2d(mask, axis)
+    return mask
 
 
 def n4_correct(data: np.ndarray, affine: np.ndarray, *, mask: np.ndarray | None = None,
