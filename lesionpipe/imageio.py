@@ -105,12 +105,6 @@ def voxel_sizes(affine: np.ndarray) -> np.ndarray:
     return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
 
 
-def same_grid(a: nb.spatialimages.SpatialImage, b: nb.spatialimages.SpatialImage,
-              *, atol: float = 1e-3) -> bool:
-    """True when two images share shape and affine (to ``atol``)."""
-    return a.shape[:3] == b.shape[:3] and np.allclose(a.affine, b.affine, atol=atol)
-
-
 def sha256(path: str | Path, *, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

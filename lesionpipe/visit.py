@@ -135,8 +135,3 @@ def process_visit(post_file, pre_file=None, settings: Settings | None = None, *,
     return VisitResult(labels=det.labels, table=table, detection=det, post_n=post_n, pre_n=pre_n,
                        brain=m.brain, registration=reg_info, seconds=time.perf_counter() - t0)
 
-
-def as_image(data: np.ndarray, ref: nb.spatialimages.SpatialImage, dtype=np.float32):
-    from lesionpipe.imageio import like_image
-
-    return like_image(np.asarray(data).astype(dtype), ref)
