@@ -88,11 +88,18 @@ def main() -> int:
     ap.add_argument("--weeks", type=int, nargs="+", default=[0, 4, 12])
     ap.add_argument("--nprocs", type=int, default=2)
     ap.add_argument("--reuse", action="store_true", help="use candidates already computed")
-    ap.add_argument("--l2", type=float, default=1.0)
+    ap.add_argument("--kind", choices=["trees", "logistic"], default="trees")
+    ap.add_argument("--l2", type=float, default=1.0, help="logistic only")
+    ap.add_argument("--folds", type=int, default=5, help="subject-grouped cross-validation folds")
     ap.add_argument("--out", type=Path, default=None, help="model JSON (default: the shipped one)")
     args = ap.parse_args()
 
-    from lesionpipe.lesions.classifier import DEFAULT_MODEL, train
+    from lesionpipe.lesions.classifier import DEFAULT_MODEL, train, train_trees
+
+    def fit(table, labels, info=None):
+        if args.kind == "trees":
+            return train_trees(table, labels, info=info)
+        return train(table, labels, l2=args.l2, info=info)
 
     if args.reuse:
         bases = sorted(p for p in args.root.iterdir() if (p / "out").is_dir())
@@ -108,27 +115,37 @@ def main() -> int:
           f"mimics) from {data.groupby(['dataset', 'participant_id', 'session_id']).ngroups} "
           "visits")
 
-    # leave-one-subject-out: probability of each candidate from a model that never saw its subject
-    groups = data["dataset"] + "/" + data["participant_id"]
+    # subject-grouped cross-validation: each candidate's probability comes from a model that
+    # never saw its subject (no visit of the same head in training and test)
+    groups = (data["dataset"] + "/" + data["participant_id"]).to_numpy()
+    uniq = np.unique(groups)
+    fold_of = {g: i % args.folds for i, g in
+               enumerate(np.random.default_rng(0).permutation(uniq))}
+    fold = np.array([fold_of[g] for g in groups])
     prob = np.zeros(len(data))
-    for g in groups.unique():
-        test = (groups == g).to_numpy()
-        prob[test] = train(data[~test], y[~test], l2=args.l2).probability(data[test])
-    for thr in (0.3, 0.5, 0.7):
-        tp = int(((prob >= thr) & (y == 1)).sum())
-        fp = int(((prob >= thr) & (y == 0)).sum())
-        visits = data.groupby(["dataset", "participant_id", "session_id"]).ngroups
-        print(f"LOSO threshold {thr}: candidate sensitivity {tp / max(y.sum(), 1):.3f}, "
-              f"false positives per visit {fp / visits:.2f}")
-    model = train(data, y, l2=args.l2, info={
-        "trained_on": [b.name for b in bases], "n_candidates": int(len(data)),
-        "n_lesions": int(y.sum()), "l2": args.l2,
+    for k in range(args.folds):
+        test = fold == k
+        prob[test] = fit(data[~test], y[~test]).probability(data[test])
+    visits = data.groupby(["dataset", "participant_id", "session_id"]).ngroups
+    for has_pre in (True, False):
+        sel = data["has_pre"].astype(bool).to_numpy() == has_pre
+        nv = data[sel].groupby(["dataset", "participant_id", "session_id"]).ngroups
+        for thr in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7):
+            tp = int(((prob >= thr) & (y == 1) & sel).sum())
+            fp = int(((prob >= thr) & (y == 0) & sel).sum())
+            print(f"CV {'pre+post ' if has_pre else 'post-only'} threshold {thr}: candidate "
+                  f"sensitivity {tp / max((y[sel] == 1).sum(), 1):.3f}, false positives per "
+                  f"visit {fp / max(nv, 1):.2f} ({nv} visits)")
+    model = fit(data, y, info={
+        "kind": args.kind, "trained_on": [b.name for b in bases],
+        "n_candidates": int(len(data)), "n_lesions": int(y.sum()), "n_visits": int(visits),
         "labelling": "lesion if >= 30% of voxels on counted truth lesions; mimic if none"})
     out = args.out or DEFAULT_MODEL
     model.to_json(out)
-    print("coefficients (standardised features):")
-    for name, c in sorted(zip(model.names, model.coef), key=lambda t: -abs(t[1])):
-        print(f"  {name:20s} {c:+.3f}")
+    if args.kind == "logistic":
+        print("coefficients (standardised features):")
+        for name, c in sorted(zip(model.names, model.coef), key=lambda t: -abs(t[1])):
+            print(f"  {name:20s} {c:+.3f}")
     print(f"model written to {out}")
     return 0
 

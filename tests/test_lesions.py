@@ -1,6 +1,7 @@
 """GEL detection on small synthetic normalised volumes with known answers."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from lesionpipe.lesions.detect import count_lesions, detect_lesions, lesion_table, principal_axes_mm
@@ -145,3 +146,40 @@ def test_a_model_with_other_features_is_refused(tmp_path):
     path.write_text('{"features": ["a"], "mean": [0], "scale": [1], "coef": [1], "intercept": 0}')
     with pytest.raises(ValueError, match="retrain"):
         LogisticModel.from_json(path)
+
+
+def _synthetic_candidates(n, seed):
+    rng = np.random.default_rng(seed)
+    y = rng.random(n) < 0.3
+    table = pd.DataFrame({
+        "volume_mm3": rng.uniform(10, 200, n), "contrast_z": rng.uniform(3, 20, n),
+        "mean_pct": rng.uniform(15, 80, n), "local_contrast_pct": rng.uniform(5, 60, n),
+        "elongation": rng.uniform(1, 4, n), "flatness": rng.uniform(1, 3, n),
+        "tubularity": rng.uniform(1, 5, n),
+        # lesions are blob-like, mimics are not: the one informative feature
+        "blobness": np.where(y, rng.uniform(0.4, 1.0, n), rng.uniform(0.0, 0.5, n)),
+        "parent_ratio": rng.uniform(1, 50, n), "depth_mm": rng.uniform(3, 30, n),
+        "shell_csf": rng.uniform(0, 0.3, n), "shell_outside": np.zeros(n),
+        "ventricle_frac": np.zeros(n), "shell_wm": rng.uniform(0.5, 1, n),
+        "has_pre": rng.random(n) < 0.5, "ref_mean": rng.uniform(60, 140, n),
+        "slice_mm": rng.choice([1.0, 3.0], n), "peak_pct": rng.uniform(15, 100, n),
+        "thickness_mm": rng.uniform(1, 8, n), "max_depth_mm": rng.uniform(3, 30, n),
+        "shell_ref_mean": rng.uniform(60, 120, n)})
+    return table, y.astype(int)
+
+
+def test_boosted_trees_learn_exports_and_reload(tmp_path):
+    pytest.importorskip("sklearn")
+    from lesionpipe.lesions.classifier import TreeModel, load_model, train_trees
+
+    table, y = _synthetic_candidates(1500, 0)
+    model = train_trees(table, y, n_trees=60)
+    test, y_test = _synthetic_candidates(500, 1)
+    p = model.probability(test)
+    accuracy = ((p >= 0.5) == (y_test == 1)).mean()
+    assert accuracy > 0.85
+    path = tmp_path / "trees.json"
+    model.to_json(path)
+    again = load_model(path)
+    assert isinstance(again, TreeModel)
+    np.testing.assert_allclose(again.probability(test), p, atol=1e-6)

@@ -1,11 +1,17 @@
-"""A small logistic model that turns a candidate's features into the probability of a GEL.
+"""Small models that turn a candidate's features into the probability of a GEL.
 
 The hard rules of :mod:`lesionpipe.lesions.detect` remove what cannot be a lesion (too small, too
 large, outside or at the surface of the brain). Among the rest, lesions and their mimics (vessels,
-choroid plexus, dural folds, noise) differ by degrees in many features at once; a logistic model
-weighs them together. It is deliberately small (a dozen standardised, physically meaningful
-features, L2-penalised) so that it cannot memorise the phantoms it was trained on. It ships as
-JSON (``lesionpipe/data/gel_classifier.json``) and is rebuilt by ``scripts/train_classifier.py``.
+choroid plexus, dural folds, noise) differ by degrees in many features at once, and in
+combinations (a bright candidate is suspect on a post-only scan, not after subtraction). Two model
+kinds read the same physically meaningful features (mm, %, unit-free ratios; never intensities in
+scanner units or positions in the image):
+
+- ``trees``: gradient-boosted shallow decision trees (the shipped model), trained with
+  scikit-learn by ``scripts/train_classifier.py`` and evaluated here with numpy alone;
+- ``logistic``: an L2-penalised logistic model (the earlier, simpler kind; still readable).
+
+Models ship as JSON (``lesionpipe/data/gel_classifier.json``); nothing is pickled or downloaded.
 """
 
 from __future__ import annotations
@@ -38,11 +44,21 @@ FEATURES = {
     "pre_level": lambda d: np.where(d["has_pre"].astype(bool), d["ref_mean"].clip(0, 150), 0.0),
     "has_pre": lambda d: d["has_pre"].astype(float),
     "slice_mm": lambda d: d["slice_mm"],
+    "peak_pct": lambda d: d["peak_pct"].clip(upper=150.0),
+    "thickness_mm": lambda d: d["thickness_mm"].clip(upper=20.0),
+    "max_depth_mm": lambda d: d["max_depth_mm"].clip(upper=25.0),
+    # mean level of the candidate and of its shell on the reference image (pre, or post alone)
+    "ref_mean": lambda d: d["ref_mean"].clip(0.0, 250.0),
+    "shell_ref_mean": lambda d: d["shell_ref_mean"].clip(0.0, 250.0),
+    "attached": lambda d: d["attached"].astype(float) if "attached" in d else np.zeros(len(d)),
 }
 
 
-def feature_matrix(table: pd.DataFrame) -> np.ndarray:
-    return np.column_stack([np.asarray(f(table), float) for f in FEATURES.values()])
+def feature_matrix(table: pd.DataFrame, names=None) -> np.ndarray:
+    """Features of each candidate as columns (``names``: a subset, in that order); NaN -> 0."""
+    names = list(FEATURES) if names is None else list(names)
+    x = np.column_stack([np.asarray(FEATURES[n](table), float) for n in names])
+    return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 @dataclass
@@ -57,25 +73,118 @@ class LogisticModel:
     def probability(self, table: pd.DataFrame) -> np.ndarray:
         if len(table) == 0:
             return np.zeros(0)
-        x = (feature_matrix(table) - self.mean) / self.scale
+        x = (feature_matrix(table, self.names) - self.mean) / self.scale
         return 1.0 / (1.0 + np.exp(-(x @ self.coef + self.intercept)))
 
     def to_json(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps({
-            "features": list(self.names), "mean": self.mean.tolist(),
+            "kind": "logistic", "features": list(self.names), "mean": self.mean.tolist(),
             "scale": self.scale.tolist(), "coef": self.coef.tolist(),
             "intercept": self.intercept, "info": self.info}, indent=1) + "\n")
 
     @classmethod
     def from_json(cls, path: str | Path) -> "LogisticModel":
         data = json.loads(Path(path).read_text())
-        if tuple(data["features"]) != tuple(FEATURES):
-            raise ValueError(f"{path}: classifier features {data['features']} do not match this "
-                             f"version of lesionpipe ({list(FEATURES)}); retrain it")
+        _check_features(data["features"], path)
         return cls(mean=np.array(data["mean"]), scale=np.array(data["scale"]),
                    coef=np.array(data["coef"]), intercept=float(data["intercept"]),
                    names=tuple(data["features"]), info=data.get("info", {}))
+
+
+def _check_features(names, path) -> None:
+    unknown = [n for n in names if n not in FEATURES]
+    if unknown:
+        raise ValueError(f"{path}: classifier features {unknown} are not computed by this version "
+                         f"of lesionpipe (known: {list(FEATURES)}); retrain it")
+
+
+@dataclass
+class TreeModel:
+    """Gradient-boosted regression trees on the log-odds scale (binary log-loss).
+
+    Each tree is stored as flat arrays (scikit-learn's layout): ``feature[node]`` (-2 at a leaf),
+    ``threshold[node]`` (go left when ``x <= threshold``), ``left``/``right`` children and the
+    leaf ``value``. The log-odds is ``init + rate * sum(tree values)``.
+
+    >>> t = {"feature": [0, -2, -2], "threshold": [1.5, 0, 0], "left": [1, -1, -1],
+    ...      "right": [2, -1, -1], "value": [0, -2.0, 2.0]}
+    >>> m = TreeModel(names=("log_volume",), init=0.0, rate=1.0, trees=[t], info={})
+    >>> np.round(m.log_odds(np.array([[1.0], [2.0]])), 1).tolist()
+    [-2.0, 2.0]
+    """
+    names: tuple[str, ...]
+    init: float
+    rate: float
+    trees: list
+    info: dict
+
+    def __post_init__(self):
+        self._arrays = [tuple(np.asarray(t[k]) for k in
+                              ("feature", "threshold", "left", "right", "value"))
+                        for t in self.trees]
+
+    def log_odds(self, x: np.ndarray) -> np.ndarray:
+        out = np.full(len(x), float(self.init))
+        rows = np.arange(len(x))
+        for feature, threshold, left, right, value in self._arrays:
+            node = np.zeros(len(x), int)
+            while True:
+                f = feature[node]
+                inner = f >= 0
+                if not inner.any():
+                    break
+                go_left = x[rows[inner], f[inner]] <= threshold[node[inner]]
+                node[inner] = np.where(go_left, left[node[inner]], right[node[inner]])
+            out += self.rate * value[node]
+        return out
+
+    def probability(self, table: pd.DataFrame) -> np.ndarray:
+        if len(table) == 0:
+            return np.zeros(0)
+        return 1.0 / (1.0 + np.exp(-self.log_odds(feature_matrix(table, self.names))))
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({
+            "kind": "trees", "features": list(self.names), "init": self.init, "rate": self.rate,
+            "info": self.info, "trees": self.trees}, separators=(",", ":")) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "TreeModel":
+        data = json.loads(Path(path).read_text())
+        _check_features(data["features"], path)
+        return cls(names=tuple(data["features"]), init=float(data["init"]),
+                   rate=float(data["rate"]), trees=data["trees"], info=data.get("info", {}))
+
+
+def train_trees(table: pd.DataFrame, labels: np.ndarray, *, n_trees: int = 300, depth: int = 3,
+                rate: float = 0.05, min_leaf: int = 20, seed: int = 0,
+                info: dict | None = None) -> TreeModel:
+    """Fit the boosted trees with scikit-learn (needed for training only) and export them."""
+    from sklearn.ensemble import GradientBoostingClassifier
+
+    names = tuple(FEATURES)
+    x = feature_matrix(table, names)
+    y = np.asarray(labels, int)
+    clf = GradientBoostingClassifier(n_estimators=n_trees, max_depth=depth, learning_rate=rate,
+                                     min_samples_leaf=min_leaf, subsample=0.8, random_state=seed)
+    clf.fit(x, y)
+    prior = float(np.clip(y.mean(), 1e-6, 1 - 1e-6))
+    trees = []
+    for est in clf.estimators_[:, 0]:
+        t = est.tree_
+        trees.append({"feature": t.feature.tolist(),
+                      "threshold": [round(float(v), 6) for v in t.threshold],
+                      "left": t.children_left.tolist(), "right": t.children_right.tolist(),
+                      "value": [round(float(v), 6) for v in t.value[:, 0, 0]]})
+    model = TreeModel(names=names, init=float(np.log(prior / (1 - prior))), rate=rate,
+                      trees=trees, info=info or {})
+    # the exported model must reproduce scikit-learn's own decision function
+    ref = clf.decision_function(x[:200])
+    if not np.allclose(model.log_odds(x[:200]), ref, atol=1e-3):
+        raise RuntimeError("exported trees disagree with scikit-learn's decision function")
+    return model
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, *, l2: float = 1.0, weight_positive: float = 1.0,
@@ -117,15 +226,16 @@ def train(table: pd.DataFrame, labels: np.ndarray, *, l2: float = 1.0,
                          names=tuple(FEATURES), info=info or {})
 
 
-_CACHE: dict[str, LogisticModel] = {}
+_CACHE: dict[str, "LogisticModel | TreeModel"] = {}
 
 
-def load_model(path: str | Path | None = None) -> LogisticModel | None:
+def load_model(path: str | Path | None = None) -> "LogisticModel | TreeModel | None":
     """The shipped model (or ``path``); None when no model file exists (rules only)."""
     path = Path(path) if path else DEFAULT_MODEL
     if not path.exists():
         return None
     key = str(path.resolve())
     if key not in _CACHE:
-        _CACHE[key] = LogisticModel.from_json(path)
+        kind = json.loads(path.read_text()).get("kind", "logistic")
+        _CACHE[key] = (TreeModel if kind == "trees" else LogisticModel).from_json(path)
     return _CACHE[key]

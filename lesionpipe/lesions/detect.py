@@ -26,6 +26,7 @@ import pandas as pd
 from scipy import ndimage as ndi
 from skimage.filters import apply_hysteresis_threshold
 
+from lesionpipe.preproc.brain import enclosed_bright
 from lesionpipe.preproc.morph import ball, dilate, fill_holes_2d, smooth_mm
 from lesionpipe.settings import Settings
 
@@ -89,6 +90,8 @@ def detect_lesions(post_n: np.ndarray, zooms, brain: np.ndarray, settings: Setti
     """
     zooms = np.asarray(zooms, float)
     enh = enhancement_map(post_n, pre_n)
+    # a lesion brighter than any tissue may have been left out of the mask where it touches CSF
+    brain = brain | enclosed_bright(post_n > 122.0, brain)
     search = brain.copy()
     if valid is not None and pre_n is not None:
         search &= valid
@@ -124,11 +127,15 @@ def detect_lesions(post_n: np.ndarray, zooms, brain: np.ndarray, settings: Setti
             continue
         comp_sl = _grow_box(box, pad, lab.shape)
         comp = lab[comp_sl] == idx
-        pieces = ((piece, how) for region in _peel(comp, enh_s[comp_sl], lo=lo, hi=hi, conn=conn)
+        origin = np.array([x.start for x in comp_sl])
+        comp_n = int(comp.sum())
+        pieces = ((piece, how, origin + start, attached)
+                  for start, region, attached in _peel(comp, enh_s[comp_sl], lo=lo, hi=hi,
+                                                       conn=conn, zooms=zooms)
                   for piece, how in _split_tubes(region, zooms, settings))
-        for piece, how in pieces:
+        for piece, how, offset, attached in pieces:
             # work in the piece's own box: a lesion peeled off a long vessel is small
-            coords = np.argwhere(piece) + np.array([x.start for x in comp_sl])
+            coords = np.argwhere(piece) + offset
             lo_c = np.maximum(coords.min(axis=0) - pad, 0)
             hi_c = np.minimum(coords.max(axis=0) + pad + 1, lab.shape)
             sl = tuple(slice(int(a), int(b)) for a, b in zip(lo_c, hi_c))
@@ -143,7 +150,8 @@ def detect_lesions(post_n: np.ndarray, zooms, brain: np.ndarray, settings: Setti
                 feats["slice_mm"] = float(zooms.max())
                 feats["contrast_z"] = feats["local_contrast_pct"] / max(sigma, 1e-6)
                 # a piece of a larger enhancing structure (vessel tree, plexus) vs on its own
-                feats["parent_ratio"] = float(comp.sum()) / max(feats["n_voxels"], 1)
+                feats["parent_ratio"] = comp_n / max(feats["n_voxels"], 1)
+                feats["attached"] = float(attached)
                 reason = _hard_reject(feats, settings) if model else _reject_reason(feats, settings)
             feats["split"] = how
             feats["reason"] = reason
@@ -183,26 +191,56 @@ def detect_lesions(post_n: np.ndarray, zooms, brain: np.ndarray, settings: Setti
                      thresholds={"high_pct": hi, "low_pct": lo, "sigma_pct": sigma})
 
 
-def _peel(comp: np.ndarray, enh_s: np.ndarray, *, lo: float, hi: float, conn: np.ndarray):
+def _peel(comp: np.ndarray, enh_s: np.ndarray, *, lo: float, hi: float, conn: np.ndarray,
+          zooms, window_mm: float = 20.0):
     """Split a hysteresis component into regions, each at half of its own peak.
 
-    The brightest remaining peak's half-maximum region is taken (with a one-voxel margin) and the
-    rest examined again, so a lesion touching a much brighter vessel keeps its own extent instead
-    of vanishing under the vessel's half-maximum. A ring is one region: its rim is one plateau.
-    Smoothing does not inflate small lesions either, as the extent is a half-maximum.
+    Yields ``(offset, region, attached)``: a boolean region in a window of the component's box,
+    the window's start, and whether the region reaches beyond the window or touches a region that
+    did (a piece of a vessel tree or of the dura rather than something on its own). Local maxima above ``hi`` are visited from the brightest down; each one still
+    free takes its half-maximum region (within ``window_mm`` of the peak), and that region with a
+    one-voxel margin is removed from what remains. A lesion touching a much brighter vessel keeps
+    its own extent instead of vanishing under the vessel's half-maximum; a ring is one region (its
+    rim is one plateau); smoothing does not inflate small lesions, as the extent is a
+    half-maximum. The window keeps the cost linear in the number of peaks for large enhancing
+    networks (a vessel tree, the dura).
     """
+    vals = np.where(comp, enh_s, -np.inf).astype(np.float32)
+    is_peak = (vals >= hi) & (vals == ndi.maximum_filter(vals, footprint=conn))
+    peaks = np.argwhere(is_peak)
+    peaks = peaks[np.argsort(-vals[is_peak], kind="stable")]
     remaining = comp.copy()
-    while remaining.any():
-        vals = np.where(remaining, enh_s, -np.inf)
-        peak_idx = np.unravel_index(int(np.argmax(vals)), vals.shape)
-        peak = float(vals[peak_idx])
-        if peak < hi:
-            return
-        above = remaining & (enh_s >= max(lo, 0.5 * peak))
-        lab, _ = ndi.label(above, structure=conn)
-        region = lab == lab[peak_idx]
-        yield region
-        remaining &= ~ndi.binary_dilation(region, structure=conn)
+    large = np.zeros(comp.shape, bool)
+    half = np.ceil(window_mm / np.asarray(zooms, float)).astype(int)
+    for p in peaks:
+        if not remaining[tuple(p)]:
+            continue
+        start = np.maximum(p - half, 0)
+        stop = np.minimum(p + half + 1, comp.shape)
+        sl = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+        peak = float(vals[tuple(p)])
+        level = max(lo, 0.5 * peak)
+        lab, _ = ndi.label(remaining[sl] & (enh_s[sl] >= level), structure=conn)
+        region = lab == lab[tuple(p - start)]
+        grown = ndi.binary_dilation(region, structure=conn)
+        # a region larger than the window (a vessel, the dura), or touching one, is part of a
+        # larger enhancing structure
+        attached = _touches_cut(region, start, stop, comp.shape) or bool((large[sl] & grown).any())
+        if attached:
+            large[sl] |= grown
+        yield start, region, attached
+        remaining[sl] &= ~grown
+
+
+def _touches_cut(region: np.ndarray, start, stop, shape) -> bool:
+    """Whether ``region`` reaches a face of its window that is not a face of the whole box."""
+    for axis in range(3):
+        r = np.moveaxis(region, axis, 0)
+        if start[axis] > 0 and r[0].any():
+            return True
+        if stop[axis] < shape[axis] and r[-1].any():
+            return True
+    return False
 
 
 def _relabel_connected(labels: np.ndarray, conn: np.ndarray) -> np.ndarray:
@@ -405,6 +443,8 @@ def _reject_reason(f: dict, s: Settings) -> str:
         return "tubular (vessel)"
     if f["n_voxels"] >= 6 and f["flatness"] > 4.0:
         return "sheet-like (dural fold)"
+    if f.get("attached"):
+        return "part of a larger enhancing structure (vessel tree, dura)"
     return ""
 
 

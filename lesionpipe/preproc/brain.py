@@ -21,8 +21,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.filters import threshold_multiotsu
 
-from lesionpipe.preproc.morph import (close, dilate, downsample_factors, erode, fill_holes_2d,
-                                      largest_component)
+from lesionpipe.preproc.morph import (ball, close, dilate, downsample_factors, erode,
+                                      fill_holes_2d, largest_component)
 
 
 @dataclass
@@ -87,7 +87,8 @@ def _band_mode(vals: np.ndarray, lo: float, hi: float, *, default: float) -> flo
 
 
 def brain_mask(data: np.ndarray, zooms, head: np.ndarray, *, erosion_mm: float = 4.0,
-               closing_mm: float = 2.0) -> tuple[np.ndarray, TissueLevels]:
+               closing_mm: float = 2.0, cortex_mm: float = 12.0, bridge_mm: float = 1.5,
+               scalp_mm: float = 6.0) -> tuple[np.ndarray, TissueLevels]:
     """Brain mask (cerebrum, cerebellum, ventricles, sulci) of a bias-corrected T1 with skull.
 
     Returns the mask and the tissue levels found. Works at the native grid; anisotropy is handled
@@ -97,22 +98,72 @@ def brain_mask(data: np.ndarray, zooms, head: np.ndarray, *, erosion_mm: float =
     head_depth = ndi.distance_transform_edt(head, sampling=zooms)
     core = head & (head_depth > min(25.0, 0.35 * head_depth.max()))
     levels = tissue_levels(data, core)
-    tissue = head & (data > levels.csf_gm) & (data < levels.wm * 1.22)
+    # brain-like intensities, and never in the outermost layer of the head (skin, scalp fat):
+    # the brain lies under at least the scalp and the skull
+    tissue = head & (data > levels.csf_gm) & (data < levels.wm * 1.22) & (head_depth > scalp_mm)
     seed = erode(tissue, erosion_mm, zooms)
     seed = _central_component(seed, head_depth, zooms)
     if not seed.any():
         raise ValueError("no brain found: the tissue classes did not separate (check the image)")
-    # geodesic growth back into the tissue, 1 mm at a time, no further than the erosion
-    grown = seed
-    for _ in range(int(np.ceil(erosion_mm)) + 1):
-        grown = dilate(grown, 1.0, zooms) & tissue | grown
-    grown = largest_component(grown)
-    mask = close(grown, closing_mm, zooms)
+    # geodesic growth back into the tissue, no further than the erosion: the safe core
+    core = largest_component(geodesic_dilation(seed, tissue, erosion_mm + 1.0, zooms))
+    # then out into the cortex, which may reach well beyond the white matter: tissue within
+    # ``cortex_mm`` of the core, thin bridges (dura, vessels, marrow touching the cortex) cut by
+    # an opening, kept where connected to the core
+    ext = tissue & dilate(core, cortex_mm, zooms)
+    ext = ndi.binary_opening(ext, structure=ball(bridge_mm, zooms))
+    lab, _ = ndi.label(ext)
+    touching = np.unique(lab[core & ext])
+    mask = core | np.isin(lab, touching[touching > 0])
+    mask = close(mask, closing_mm, zooms)
     mask = ndi.binary_fill_holes(mask)
     mask = fill_holes_2d(mask, int(np.argmax(zooms)))
     # a thin ring of CSF/dura may have been added by closing; keep it: the surface filter handles it
     refined = tissue_levels(data, erode(mask, 3.0, zooms))
     return mask, refined
+
+
+def enclosed_bright(bright: np.ndarray, mask: np.ndarray, *, min_inside: float = 0.6) -> np.ndarray:
+    """Bright components (brighter than any tissue) mostly surrounded by the mask.
+
+    A strongly enhancing lesion on a post-only scan is brighter than white matter and so not
+    "tissue"; where it touches a ventricle or a sulcus the hole it leaves is not closed, and it
+    would sit at the mask's surface. It is added back (by the detector, on the normalised post
+    image) when most of its one-voxel rim is brain. Scalp fat and marrow have their rim outside
+    the brain and stay out.
+
+    >>> m = np.zeros((9, 9, 9), bool); m[1:8, 1:8, 1:8] = True; m[4, 4, 3:9] = False
+    >>> b = np.zeros_like(m); b[4, 4, 4:6] = True; b[0, 0, 0] = True
+    >>> int(enclosed_bright(b, m).sum())
+    2
+    """
+    near = bright & ~mask & ndi.binary_dilation(mask, iterations=2)
+    lab, n = ndi.label(near)
+    if n == 0:
+        return near
+    grown = ndi.grey_dilation(lab, size=(3, 3, 3))
+    rim = (grown > 0) & (lab == 0)
+    inside = np.asarray(ndi.mean(mask[rim], grown[rim], index=np.arange(1, n + 1)))
+    keep = np.zeros(n + 1, bool)
+    keep[1:] = np.nan_to_num(inside) >= min_inside
+    return keep[lab]
+
+
+def geodesic_dilation(seed: np.ndarray, allowed: np.ndarray, distance_mm: float,
+                      zooms) -> np.ndarray:
+    """Grow ``seed`` inside ``allowed`` by about ``distance_mm`` (one voxel per step, 6-connected).
+
+    On thick slices a step crosses one slice, so growth across slices is faster: the distance is a
+    limit on leaks, not a measurement.
+
+    >>> allowed = np.zeros((1, 1, 12), bool); allowed[..., :5] = allowed[..., 6:] = True
+    >>> seed = np.zeros_like(allowed); seed[..., 0] = True
+    >>> [int(geodesic_dilation(seed, allowed, d, (1, 1, 1)).sum()) for d in (3, 20)]
+    [4, 5]
+    """
+    steps = max(int(round(distance_mm / float(np.min(zooms)))), 1)
+    return ndi.binary_dilation(seed, structure=ndi.generate_binary_structure(3, 1),
+                               iterations=steps, mask=allowed) | seed
 
 
 def _central_component(mask: np.ndarray, head_depth: np.ndarray, zooms) -> np.ndarray:
