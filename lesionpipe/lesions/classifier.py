@@ -125,6 +125,8 @@ class TreeModel:
                         for t in self.trees]
 
     def log_odds(self, x: np.ndarray) -> np.ndarray:
+        # scikit-learn compares float32 features with its thresholds: do the same
+        x = np.asarray(x, np.float32)
         out = np.full(len(x), float(self.init))
         rows = np.arange(len(x))
         for feature, threshold, left, right, value in self._arrays:
@@ -175,7 +177,7 @@ def train_trees(table: pd.DataFrame, labels: np.ndarray, *, n_trees: int = 300, 
     for est in clf.estimators_[:, 0]:
         t = est.tree_
         trees.append({"feature": t.feature.tolist(),
-                      "threshold": [round(float(v), 6) for v in t.threshold],
+                      "threshold": [float(v) for v in t.threshold],
                       "left": t.children_left.tolist(), "right": t.children_right.tolist(),
                       "value": [round(float(v), 6) for v in t.value[:, 0, 0]]})
     model = TreeModel(names=names, init=float(np.log(prior / (1 - prior))), rate=rate,
