@@ -2,8 +2,9 @@
 """Train the candidate classifier shipped as lesionpipe/data/gel_classifier.json.
 
 Reproducible from seeds: draw phantom datasets, run the pipeline with the classifier switched off
-(so every candidate keeps its features), label candidates against the truth, fit the L2-penalised
-logistic model, and report leave-one-subject-out figures before writing the model::
+(so every candidate keeps its features), label candidates against the truth, fit the model
+(boosted trees, or ``--kind logistic``), and report subject-grouped cross-validated figures before
+writing the model::
 
     python scripts/train_classifier.py TRAIN_ROOT --seeds 201 202 203 --subjects 4 [--stress-seeds 301]
     python scripts/train_classifier.py TRAIN_ROOT --reuse   # candidates already computed
@@ -16,7 +17,6 @@ half-overlapping ones are left out of training.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

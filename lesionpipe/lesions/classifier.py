@@ -7,9 +7,11 @@ combinations (a bright candidate is suspect on a post-only scan, not after subtr
 kinds read the same physically meaningful features (mm, %, unit-free ratios; never intensities in
 scanner units or positions in the image):
 
-- ``trees``: gradient-boosted shallow decision trees (the shipped model), trained with
-  scikit-learn by ``scripts/train_classifier.py`` and evaluated here with numpy alone;
-- ``logistic``: an L2-penalised logistic model (the earlier, simpler kind; still readable).
+- ``logistic``: an L2-penalised logistic model (the kind shipped now);
+- ``trees``: gradient-boosted shallow decision trees, trained with scikit-learn by
+  ``scripts/train_classifier.py`` and evaluated here with numpy alone.
+
+A model file names the features it reads, so a model trained on fewer features still loads.
 
 Models ship as JSON (``lesionpipe/data/gel_classifier.json``); nothing is pickled or downloaded.
 """

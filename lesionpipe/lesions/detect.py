@@ -197,8 +197,10 @@ def _peel(comp: np.ndarray, enh_s: np.ndarray, *, lo: float, hi: float, conn: np
 
     Yields ``(offset, region, attached)``: a boolean region in a window of the component's box,
     the window's start, and whether the region reaches beyond the window or touches a region that
-    did (a piece of a vessel tree or of the dura rather than something on its own). Local maxima above ``hi`` are visited from the brightest down; each one still
-    free takes its half-maximum region (within ``window_mm`` of the peak), and that region with a
+    did (a piece of a vessel tree or of the dura rather than something on its own).
+
+    Local maxima above ``hi`` are visited from the brightest down; each one still free takes its
+    half-maximum region (within ``window_mm`` of the peak), and that region with a
     one-voxel margin is removed from what remains. A lesion touching a much brighter vessel keeps
     its own extent instead of vanishing under the vessel's half-maximum; a ring is one region (its
     rim is one plateau); smoothing does not inflate small lesions, as the extent is a

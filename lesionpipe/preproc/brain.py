@@ -4,10 +4,12 @@ The scans carry skull, bright scalp fat and marrow, so the mask is built from ti
 classes and morphology in millimetres:
 
 1. head mask (air removed); tissue classes estimated in the head's core, away from scalp and skull;
-2. brain-like tissue = grey-to-white matter intensities (CSF, bone, air and fat excluded);
-3. an erosion of a few mm cuts the thin bridges through skull and meninges; the largest component
-   near the head's centre is the brain; it is grown back inside the tissue, and the ventricles and
-   sulci are filled by closing and hole filling.
+2. brain-like tissue = grey-to-white matter intensities (CSF, bone, air and fat excluded), below
+   the outermost layer of the head;
+3. an erosion of a few mm cuts the thin bridges through skull and meninges; the deep components
+   are the brain's core, grown back inside the tissue by no more than the erosion;
+4. the cortex is added (tissue near the core, bridges thinner than ~3 mm cut by an opening), and
+   the ventricles and sulci are filled by closing and hole filling.
 
 Normalisation divides by a smooth map of local white-matter intensity, so residual bias and gain
 vanish and enhancement is measured in percent of the surrounding white matter.
@@ -96,8 +98,8 @@ def brain_mask(data: np.ndarray, zooms, head: np.ndarray, *, erosion_mm: float =
     """
     zooms = np.asarray(zooms, float)
     head_depth = ndi.distance_transform_edt(head, sampling=zooms)
-    core = head & (head_depth > min(25.0, 0.35 * head_depth.max()))
-    levels = tissue_levels(data, core)
+    inner_head = head & (head_depth > min(25.0, 0.35 * head_depth.max()))
+    levels = tissue_levels(data, inner_head)
     # brain-like intensities, and never in the outermost layer of the head (skin, scalp fat):
     # the brain lies under at least the scalp and the skull
     tissue = head & (data > levels.csf_gm) & (data < levels.wm * 1.22) & (head_depth > scalp_mm)
