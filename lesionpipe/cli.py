@@ -171,6 +171,9 @@ def _add_phantoms(sub) -> None:
                    help="stress set: many small faint lesions, low SNR, heavy bias, large motion")
     p.add_argument("--size", choices=["small", "full"], default="full",
                    help="field of view: 'full' ~ 230x230x180 mm, 'small' ~ 150 mm (fast tests)")
+    p.add_argument("--activity", type=float, default=1.0,
+                   help="scale of the rate of new enhancing lesions (1 = a trial population; "
+                        "e.g. 4 for lesion-rich training or evaluation data)")
     p.set_defaults(func=_cmd_phantoms)
 
 
@@ -182,8 +185,11 @@ def _cmd_phantoms(args) -> int:
         raise UsageError("--subjects must be >= 1")
     if sorted(set(args.weeks)) != list(args.weeks) or min(args.weeks) < 0:
         raise UsageError(f"--weeks must be increasing non-negative integers, got {args.weeks}")
+    if not args.activity > 0:
+        raise UsageError("--activity must be positive")
     write_dataset(args.out_dir, truth, n_subjects=args.subjects, weeks=tuple(args.weeks),
-                  seed=args.seed, stress=args.stress, size=args.size, progress=LOG.info)
+                  seed=args.seed, stress=args.stress, size=args.size, activity=args.activity,
+                  progress=LOG.info)
     print(f"dataset: {args.out_dir}\ntruth:   {truth}")
     return 0
 

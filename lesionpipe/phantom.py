@@ -792,8 +792,12 @@ class _Placer:
 
 
 def plan_lesions(rng: np.random.Generator, anat: Anatomy, weeks: list[int], *, stress: bool,
-                 pair_dirs: list | None = None) -> list[Lesion]:
-    """Draw every lesion of one subject with its enhancement history over the visits."""
+                 pair_dirs: list | None = None, activity: float = 1.0) -> list[Lesion]:
+    """Draw every lesion of one subject with its enhancement history over the visits.
+
+    ``activity`` scales the subject's rate of new enhancing lesions (1 = a trial population;
+    larger values make lesion-rich data for training and evaluation, with every subject active).
+    """
     placer = _Placer(rng, anat)
     grid = anat.grid
     lesions: list[Lesion] = []
@@ -825,10 +829,11 @@ def plan_lesions(rng: np.random.Generator, anat: Anatomy, weeks: list[int], *, s
              sites[int(rng.choice(3, p=[0.5, 0.2, 0.3]))], 0,
              rng.uniform(0.5, 0.8) if bh else rng.uniform(0.82, 0.97))
     # disease activity: new GELs per visit from a subject-specific rate (negative binomial)
-    rate = rng.gamma(0.6, 1.8) * (2.0 if stress else 1.0)
+    rate = rng.gamma(0.6, 1.8) * (2.0 if stress else 1.0) * activity + 0.5 * (activity - 1.0)
     for v, wk in enumerate(weeks):
         gap = 4.0 if v == 0 else max(weeks[v] - weeks[v - 1], 1)
-        n_new = min(int(rng.poisson(rate * min(gap, 8) ** 0.6 / 4 ** 0.6)), 10)
+        n_new = min(int(rng.poisson(rate * min(gap, 8) ** 0.6 / 4 ** 0.6)),
+                    int(round(10 * max(activity, 1.0))))
         if stress and v == 0:
             n_new = max(n_new, 3)
         for _ in range(n_new):
@@ -1231,7 +1236,7 @@ def _rot_deg(r: np.ndarray) -> float:
 def write_dataset(bids_dir, truth_dir, *, n_subjects: int = 4, weeks=(0, 4, 12), seed: int = 0,
                   stress: bool = False, size: str = "full", p_post_only: float = 0.25,
                   p_2d: float = 0.4, storage: str | None = None, overrides: dict | None = None,
-                  gain_range=(0.01, 5000.0), progress=None) -> dict:
+                  gain_range=(0.01, 5000.0), activity: float = 1.0, progress=None) -> dict:
     """Write a synthetic BIDS dataset to ``bids_dir`` and its ground truth to ``truth_dir``.
 
     ``overrides`` maps ``(subject_index, visit_index)`` to a dict with any of ``grid`` ('3d'/'2d'),
@@ -1239,8 +1244,11 @@ def write_dataset(bids_dir, truth_dir, *, n_subjects: int = 4, weeks=(0, 4, 12),
     visit's design (used for the sample dataset).
     ``storage`` forces 'float32', 'int16' or 'int16_scaled' for every scan; ``gain_range`` bounds
     the arbitrary scanner gain (white matter intensity before noise).
+    ``activity`` scales the rate of new enhancing lesions (see :func:`plan_lesions`).
     Returns a summary dict (also written to ``truth_dir/generation.json``).
     """
+    if activity <= 0:
+        raise ValueError(f"activity must be positive, not {activity}")
     if size not in ("full", "small"):
         raise ValueError(f"size must be 'full' or 'small', not {size!r}")
     weeks = [int(w) for w in weeks]
@@ -1293,7 +1301,7 @@ def write_dataset(bids_dir, truth_dir, *, n_subjects: int = 4, weeks=(0, 4, 12),
             d = np.cross(sl, rng.standard_normal(3))
             design.append({"post": post, "pre": pre, "pair_dir": d / np.linalg.norm(d)})
         lesions = plan_lesions(np.random.default_rng(lesion_ss), anat, weeks, stress=stress,
-                               pair_dirs=[d["pair_dir"] for d in design])
+                               pair_dirs=[d["pair_dir"] for d in design], activity=activity)
         sess_rows = []
         for v, wk in enumerate(weeks):
             ses = f"ses-w{wk:02d}"
@@ -1354,7 +1362,7 @@ def write_dataset(bids_dir, truth_dir, *, n_subjects: int = 4, weeks=(0, 4, 12),
     summary = {
         "generator": "lesionpipe.phantom", "version": __version__, "seed": seed,
         "n_subjects": n_subjects, "weeks": weeks, "stress": stress, "size": size,
-        "p_post_only": p_post_only, "p_2d": p_2d, "storage": storage, "gain_range": list(gain_range),
+        "p_post_only": p_post_only, "p_2d": p_2d, "activity": activity, "storage": storage, "gain_range": list(gain_range),
         "overrides": {f"{k[0]},{k[1]}": v for k, v in overrides.items()},
         "counting_rule": {"min_voxels": MIN_VOXELS, "min_volume_mm3": MIN_VOLUME_MM3},
         "mimic_codes": MIMIC_NAMES,

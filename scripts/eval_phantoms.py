@@ -24,6 +24,8 @@ def main() -> int:
     ap.add_argument("--stress", action="store_true")
     ap.add_argument("--size", choices=["small", "full"], default="full")
     ap.add_argument("--nprocs", type=int, default=2)
+    ap.add_argument("--activity", type=float, default=1.0,
+                    help="scale of the rate of new enhancing lesions (see lesionpipe phantoms)")
     args = ap.parse_args()
 
     from lesionpipe.cli import main as cli
@@ -33,7 +35,8 @@ def main() -> int:
     t0 = time.time()
     if not bids.exists():
         write_dataset(bids, truth, n_subjects=args.subjects, weeks=tuple(args.weeks),
-                      seed=args.seed, stress=args.stress, size=args.size)
+                      seed=args.seed, stress=args.stress, size=args.size,
+                      activity=args.activity)
     t1 = time.time()
     code = cli(["run", str(bids), str(out), "-w", str(args.root / "work"), "--nprocs",
                 str(args.nprocs), "--no-reports"])

@@ -235,3 +235,20 @@ def test_bad_arguments(tmp_path):
         P.write_dataset(tmp_path / "b", tmp_path / "t", size="huge")
     with pytest.raises(ValueError, match="weeks"):
         P.write_dataset(tmp_path / "b", tmp_path / "t", weeks=(4, 0))
+
+
+def test_activity_scales_the_new_lesions():
+    anat = P.make_anatomy(np.random.default_rng(4), size="small")
+    weeks = [0, 4, 12]
+
+    def n_enhancing(activity):
+        lesions = P.plan_lesions(np.random.default_rng(8), anat, weeks, stress=False,
+                                 activity=activity)
+        return sum(len(les.enhancement) for les in lesions)
+
+    base = n_enhancing(1.0)
+    rich = n_enhancing(4.0)
+    assert rich >= 3 * len(weeks)          # every visit of a lesion-rich subject is active
+    assert rich > base
+    with pytest.raises(ValueError, match="activity"):
+        P.write_dataset("/nonexistent/b", "/nonexistent/t", activity=0)
