@@ -7,7 +7,8 @@ classes and morphology in millimetres:
 2. brain-like tissue = grey-to-white matter intensities (CSF, bone, air and fat excluded), below
    the outermost layer of the head;
 3. an erosion of a few mm cuts the thin bridges through skull and meninges; the deep components
-   are the brain's core, grown back inside the tissue by no more than the erosion;
+   near the eroded white matter are the brain's core (neck and face muscle, grey-matter-like on
+   T1, stay out), grown back inside the tissue by no more than the erosion;
 4. the cortex is added (tissue near the core, bridges thinner than ~3 mm cut by an opening), and
    the ventricles and sulci are filled by closing and hole filling.
 
@@ -103,7 +104,14 @@ def brain_mask(data: np.ndarray, zooms, head: np.ndarray, *, erosion_mm: float =
     # brain-like intensities, and never in the outermost layer of the head (skin, scalp fat):
     # the brain lies under at least the scalp and the skull
     tissue = head & (data > levels.csf_gm) & (data < levels.wm * 1.22) & (head_depth > scalp_mm)
-    seed = erode(tissue, erosion_mm, zooms)
+    # the seed is the eroded tissue near eroded white matter: after the erosion the cerebral
+    # white matter is one thick piece while neck and face muscle (grey-matter-like on T1) and
+    # thin marrow are gone, so the neck cannot join the brain through the skull base or the
+    # muscles around the brainstem
+    white = tissue & (data > 0.5 * (levels.gm + levels.wm))
+    white = _central_component(erode(white, WHITE_EROSION_MM, zooms), head_depth, zooms,
+                               min_share=WHITE_MIN_SHARE)
+    seed = erode(tissue, erosion_mm, zooms) & dilate(white, cortex_mm, zooms)
     seed = _central_component(seed, head_depth, zooms)
     if not seed.any():
         raise ValueError("no brain found: the tissue classes did not separate (check the image)")
@@ -168,7 +176,16 @@ def geodesic_dilation(seed: np.ndarray, allowed: np.ndarray, distance_mm: float,
                                iterations=steps, mask=allowed) | seed
 
 
-def _central_component(mask: np.ndarray, head_depth: np.ndarray, zooms) -> np.ndarray:
+#: erosion of the white-matter band that leaves the cerebral and cerebellar white matter and
+#: removes the skull's marrow (thinner than twice this)
+WHITE_EROSION_MM = 3.0
+#: pieces of eroded white matter kept besides the largest: at least this share of it (the
+#: cerebellar white matter is 3-4 % of the cerebral; a higher share loses the cerebellum)
+WHITE_MIN_SHARE = 0.02
+
+
+def _central_component(mask: np.ndarray, head_depth: np.ndarray, zooms, *,
+                       min_share: float = 0.0) -> np.ndarray:
     """Components reaching deep inside the head (the brain's pieces), not the scalp or marrow.
 
     After the erosion the brain may fall into several pieces (cerebrum, cerebellum, a deep gyrus);
@@ -181,7 +198,7 @@ def _central_component(mask: np.ndarray, head_depth: np.ndarray, zooms) -> np.nd
     sizes = np.bincount(lab.ravel()) * vox
     sizes[0] = 0
     depth_max = np.asarray(ndi.maximum(head_depth, lab, index=np.arange(n + 1)))
-    deep = (depth_max > 0.45 * head_depth.max()) & (sizes >= 500.0)
+    deep = (depth_max > 0.45 * head_depth.max()) & (sizes >= max(500.0, min_share * sizes.max()))
     deep[0] = False
     if not deep.any():
         return largest_component(mask)
