@@ -150,10 +150,13 @@ class Settings:
     max_tubularity: float = 2.8
     #: elongation (major/minor principal axis) above which a candidate is a vessel
     max_elongation: float = 2.8
-    #: candidate classifier: "" = the shipped logistic model, a path to another, "none" = rules
+    #: candidate classifier: "" = the shipped model (boosted trees), a path to another, "none" = rules
     classifier: str = ""
     #: a candidate passing the hard rules is a lesion when the classifier's probability is at least
-    min_probability: float = 0.1
+    #: this (visits with a pre-contrast scan) ...
+    min_probability: float = 0.3
+    #: ... or this (post-only visits, where more mimics stay bright and the evidence is weaker)
+    min_probability_post_only: float = 0.3
     #: with a pre-contrast scan: a lesion's own pre-contrast level (% of NAWM) is at least this;
     #: lower is CSF or a vessel in a sulcus (acute lesions are at most mildly T1-hypointense)
     min_pre_level_pct: float = 60.0

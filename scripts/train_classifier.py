@@ -9,6 +9,10 @@ writing the model::
     python scripts/train_classifier.py TRAIN_ROOT --seeds 201 202 203 --subjects 4 [--stress-seeds 301]
     python scripts/train_classifier.py TRAIN_ROOT --reuse   # candidates already computed
 
+A seed may carry the dataset's lesion activity and share of post-only visits, ``SEED[:ACTIVITY[:P]]``
+(see ``lesionpipe phantoms --activity``). The shipped model was trained on 8 subjects x weeks
+0/4/12 of each of ``--seeds 301 302:4 303:4:0.6`` (72 visits, 251 lesion candidates).
+
 A candidate is labelled a lesion when at least 30 % of its voxels lie on counted truth lesions,
 a mimic when none do; candidates touching only uncounted (sub-threshold) truth lesions or
 half-overlapping ones are left out of training.
@@ -25,15 +29,33 @@ import numpy as np
 import pandas as pd
 
 
+def _parse_seed(text: str) -> tuple[int, float, float]:
+    """``SEED[:ACTIVITY[:P_POST_ONLY]]`` -> (seed, activity, p_post_only).
+
+    >>> _parse_seed("303:4:0.6"), _parse_seed("301")
+    ((303, 4.0, 0.6), (301, 1.0, 0.25))
+    """
+    parts = text.split(":")
+    if not 1 <= len(parts) <= 3:
+        raise argparse.ArgumentTypeError(f"expected SEED[:ACTIVITY[:P_POST_ONLY]], got {text!r}")
+    defaults = [None, 1.0, 0.25]
+    values = [int(parts[0])] + [float(p) for p in parts[1:]] + defaults[len(parts):]
+    return tuple(values)
+
+
 def _datasets(root: Path, seeds, stress_seeds, subjects, weeks):
     from lesionpipe.phantom import write_dataset
 
     out = []
-    for seed, stress in [(s, False) for s in seeds] + [(s, True) for s in stress_seeds]:
-        base = root / f"seed{seed}{'_stress' if stress else ''}"
+    for spec, stress in [(s, False) for s in seeds] + [(s, True) for s in stress_seeds]:
+        seed, activity, p_post_only = spec
+        name = f"seed{seed}" + (f"_a{activity:g}" if activity != 1 else "") + (
+            f"_p{p_post_only:g}" if p_post_only != 0.25 else "") + ("_stress" if stress else "")
+        base = root / name
         if not (base / "bids").exists():
             write_dataset(base / "bids", base / "truth", n_subjects=subjects, weeks=weeks,
-                          seed=seed, stress=stress, size="full")
+                          seed=seed, stress=stress, size="full", activity=activity,
+                          p_post_only=p_post_only)
         out.append(base)
     return out
 
@@ -82,9 +104,11 @@ def labelled_candidates(out_dir: Path, truth_dir: Path) -> pd.DataFrame:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("root", type=Path)
-    ap.add_argument("--seeds", type=int, nargs="*", default=[201, 202, 203])
-    ap.add_argument("--stress-seeds", type=int, nargs="*", default=[301])
-    ap.add_argument("--subjects", type=int, default=4)
+    ap.add_argument("--seeds", type=_parse_seed, nargs="*",
+                    default=[_parse_seed(s) for s in ("301", "302:4", "303:4:0.6")],
+                    help="SEED[:ACTIVITY[:P_POST_ONLY]] of each phantom dataset")
+    ap.add_argument("--stress-seeds", type=_parse_seed, nargs="*", default=[])
+    ap.add_argument("--subjects", type=int, default=8)
     ap.add_argument("--weeks", type=int, nargs="+", default=[0, 4, 12])
     ap.add_argument("--nprocs", type=int, default=2)
     ap.add_argument("--reuse", action="store_true", help="use candidates already computed")
@@ -130,7 +154,7 @@ def main() -> int:
     for has_pre in (True, False):
         sel = data["has_pre"].astype(bool).to_numpy() == has_pre
         nv = data[sel].groupby(["dataset", "participant_id", "session_id"]).ngroups
-        for thr in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7):
+        for thr in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7):
             tp = int(((prob >= thr) & (y == 1) & sel).sum())
             fp = int(((prob >= thr) & (y == 0) & sel).sum())
             print(f"CV {'pre+post ' if has_pre else 'post-only'} threshold {thr}: candidate "

@@ -139,6 +139,20 @@ def test_classifier_decides_among_candidates_passing_the_hard_rules(tmp_path):
     assert never.candidates.reason.str.startswith("classifier").any()
 
 
+def test_post_only_visits_have_their_own_probability_threshold():
+    grid, brain, pre, noise, zooms = _brain()
+    post = pre.copy()
+    lesion = _ball(grid, (40, 40, 24), 3.0)
+    post[lesion] += 40
+    post_n, pre_n = post + noise(), pre + noise()
+    strict_post_only = {"min_probability": 0.1, "min_probability_post_only": 1.5}
+    with_pre = _run(post_n, pre_n, brain, zooms, **strict_post_only)
+    post_only = _run(post_n, None, brain, zooms, **strict_post_only)
+    assert with_pre.labels[lesion].any()
+    assert post_only.labels.max() == 0
+    assert post_only.candidates.reason.str.startswith("classifier").any()
+
+
 def test_a_model_with_other_features_is_refused(tmp_path):
     from lesionpipe.lesions.classifier import LogisticModel
 
