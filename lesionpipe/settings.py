@@ -150,7 +150,14 @@ class Settings:
     max_tubularity: float = 2.8
     #: elongation (major/minor principal axis) above which a candidate is a vessel
     max_elongation: float = 2.8
-    #: candidate classifier: "" = the shipped model (boosted trees), a path to another, "none" = rules
+    #: with the classifier, whatever it says: elongation above which a candidate is a vessel
+    #: (no enhancing lesion reaches it; ovoid Dawson's fingers stay below ~3) ...
+    max_lesion_elongation: float = 4.0
+    #: ... and inscribed-ball diameter (mm) at or below which a piece cut from a larger
+    #: enhancing structure is a vessel, not a lesion beside it
+    max_attached_thickness_mm: float = 2.0
+    #: candidate classifier: "" = the shipped model (boosted trees), a path to another,
+    #: "none" = rules
     classifier: str = ""
     #: a candidate passing the hard rules is a lesion when the classifier's probability is at least
     #: this (visits with a pre-contrast scan) ...

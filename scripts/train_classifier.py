@@ -9,8 +9,8 @@ writing the model::
     python scripts/train_classifier.py TRAIN_ROOT --seeds 201 202 203 --subjects 4 [--stress-seeds 301]
     python scripts/train_classifier.py TRAIN_ROOT --reuse   # candidates already computed
 
-A seed may carry the dataset's lesion activity and share of post-only visits, ``SEED[:ACTIVITY[:P]]``
-(see ``lesionpipe phantoms --activity``). The shipped model was trained on 8 subjects x weeks
+A seed may carry the dataset's lesion activity and share of post-only visits,
+``SEED[:ACTIVITY[:P]]`` (see ``lesionpipe phantoms --activity``). The shipped model was trained on 8 subjects x weeks
 0/4/12 of each of ``--seeds 301 302:4 303:4:0.6`` (72 visits, 251 lesion candidates).
 
 A candidate is labelled a lesion when at least 30 % of its voxels lie on counted truth lesions,

@@ -91,11 +91,15 @@ def _band_mode(vals: np.ndarray, lo: float, hi: float, *, default: float) -> flo
 
 def brain_mask(data: np.ndarray, zooms, head: np.ndarray, *, erosion_mm: float = 4.0,
                closing_mm: float = 2.0, cortex_mm: float = 12.0, bridge_mm: float = 1.5,
-               scalp_mm: float = 6.0) -> tuple[np.ndarray, TissueLevels]:
+               scalp_mm: float = 6.0, white_erosion_mm: float = 3.0,
+               white_min_share: float = 0.02) -> tuple[np.ndarray, TissueLevels]:
     """Brain mask (cerebrum, cerebellum, ventricles, sulci) of a bias-corrected T1 with skull.
 
     Returns the mask and the tissue levels found. Works at the native grid; anisotropy is handled
-    by millimetre morphology.
+    by millimetre morphology. ``white_erosion_mm`` erodes the white-matter band so that the skull's
+    marrow (thinner than twice it) goes and the cerebral and cerebellar white matter stay;
+    besides the largest piece, pieces of at least ``white_min_share`` of it are kept (the
+    cerebellar white matter is 3-4 % of the cerebral; a higher share loses the cerebellum).
     """
     zooms = np.asarray(zooms, float)
     head_depth = ndi.distance_transform_edt(head, sampling=zooms)
@@ -109,8 +113,8 @@ def brain_mask(data: np.ndarray, zooms, head: np.ndarray, *, erosion_mm: float =
     # thin marrow are gone, so the neck cannot join the brain through the skull base or the
     # muscles around the brainstem
     white = tissue & (data > 0.5 * (levels.gm + levels.wm))
-    white = _central_component(erode(white, WHITE_EROSION_MM, zooms), head_depth, zooms,
-                               min_share=WHITE_MIN_SHARE)
+    white = _central_component(erode(white, white_erosion_mm, zooms), head_depth, zooms,
+                               min_share=white_min_share)
     seed = erode(tissue, erosion_mm, zooms) & dilate(white, cortex_mm, zooms)
     seed = _central_component(seed, head_depth, zooms)
     if not seed.any():
@@ -174,14 +178,6 @@ def geodesic_dilation(seed: np.ndarray, allowed: np.ndarray, distance_mm: float,
     steps = max(int(round(distance_mm / float(np.min(zooms)))), 1)
     return ndi.binary_dilation(seed, structure=ndi.generate_binary_structure(3, 1),
                                iterations=steps, mask=allowed) | seed
-
-
-#: erosion of the white-matter band that leaves the cerebral and cerebellar white matter and
-#: removes the skull's marrow (thinner than twice this)
-WHITE_EROSION_MM = 3.0
-#: pieces of eroded white matter kept besides the largest: at least this share of it (the
-#: cerebellar white matter is 3-4 % of the cerebral; a higher share loses the cerebellum)
-WHITE_MIN_SHARE = 0.02
 
 
 def _central_component(mask: np.ndarray, head_depth: np.ndarray, zooms, *,
