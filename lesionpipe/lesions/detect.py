@@ -27,7 +27,7 @@ from scipy import ndimage as ndi
 from skimage.filters import apply_hysteresis_threshold
 
 from lesionpipe.preproc.brain import enclosed_bright
-from lesionpipe.preproc.morph import ball, dilate, fill_holes_2d, smooth_mm
+from lesionpipe.preproc.morph import ball, dilate, distance_mm, fill_holes_2d, smooth_mm
 from lesionpipe.settings import Settings
 
 
@@ -107,7 +107,7 @@ def detect_lesions(post_n: np.ndarray, zooms, brain: np.ndarray, settings: Setti
     lab, n = ndi.label(cand, structure=conn)
 
     ref = pre_n if pre_n is not None else post_n
-    depth = ndi.distance_transform_edt(brain, sampling=zooms)
+    depth = distance_mm(brain, zooms)
     csf = (ref < csf_level) & brain
     ventricles = _ventricles(csf, depth, zooms)
     vox_vol = float(np.prod(zooms))

@@ -24,7 +24,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.filters import threshold_multiotsu
 
-from lesionpipe.preproc.morph import (ball, close, dilate, downsample_factors, erode,
+from lesionpipe.preproc.morph import (ball, close, dilate, distance_mm, downsample_factors, erode,
                                       fill_holes_2d, largest_component)
 
 
@@ -102,7 +102,7 @@ def brain_mask(data: np.ndarray, zooms, head: np.ndarray, *, erosion_mm: float =
     cerebellar white matter is 3-4 % of the cerebral; a higher share loses the cerebellum).
     """
     zooms = np.asarray(zooms, float)
-    head_depth = ndi.distance_transform_edt(head, sampling=zooms)
+    head_depth = distance_mm(head, zooms)
     inner_head = head & (head_depth > min(25.0, 0.35 * head_depth.max()))
     levels = tissue_levels(data, inner_head)
     # brain-like intensities, and never in the outermost layer of the head (skin, scalp fat):
