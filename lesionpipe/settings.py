@@ -156,14 +156,19 @@ class Settings:
     #: ... and inscribed-ball diameter (mm) at or below which a piece cut from a larger
     #: enhancing structure is a vessel, not a lesion beside it
     max_attached_thickness_mm: float = 2.0
+    #: centre lines of thin bright tubes (Hessian) at least this long (mm) are vessels ...
+    min_vessel_length_mm: float = 8.0
+    #: ... cut out of the candidates with this margin (mm) before they are split into peaks, so a
+    #: lesion touching a vessel is a candidate of its own (0 = no cut)
+    vessel_cut_mm: float = 1.0
     #: candidate classifier: "" = the shipped model (boosted trees), a path to another,
     #: "none" = rules
     classifier: str = ""
     #: a candidate passing the hard rules is a lesion when the classifier's probability is at least
     #: this (visits with a pre-contrast scan) ...
-    min_probability: float = 0.3
+    min_probability: float = 0.5
     #: ... or this (post-only visits, where more mimics stay bright and the evidence is weaker)
-    min_probability_post_only: float = 0.3
+    min_probability_post_only: float = 0.4
     #: with a pre-contrast scan: a lesion's own pre-contrast level (% of NAWM) is at least this;
     #: lower is CSF or a vessel in a sulcus (acute lesions are at most mildly T1-hypointense)
     min_pre_level_pct: float = 60.0

@@ -10,8 +10,9 @@ writing the model::
     python scripts/train_classifier.py TRAIN_ROOT --reuse   # candidates already computed
 
 A seed may carry the dataset's lesion activity and share of post-only visits,
-``SEED[:ACTIVITY[:P]]`` (see ``lesionpipe phantoms --activity``). The shipped model was trained on 8 subjects x weeks
-0/4/12 of each of ``--seeds 301 302:4 303:4:0.6`` (72 visits, 251 lesion candidates).
+``SEED[:ACTIVITY[:P]]`` (see ``lesionpipe phantoms --activity``). The shipped model was trained on
+8 subjects x weeks 0/4/12 of each of ``--seeds 301 302:4 303:4:0.6 304:4:0.8`` (96 visits, 357
+lesion candidates, 19707 mimics).
 
 A candidate is labelled a lesion when at least 30 % of its voxels lie on counted truth lesions,
 a mimic when none do; candidates touching only uncounted (sub-threshold) truth lesions or

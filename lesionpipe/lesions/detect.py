@@ -12,7 +12,10 @@ rejected by what it is made of and where it sits, never by an image's identity:
 - *in CSF spaces* (choroid plexus, sulcal and cisternal vessels): most of its surrounding shell is
   CSF-dark on the pre-contrast (or post-only) image, or it lies largely in the ventricles;
 - *tubular or sheet-like* (vessels, dural folds): elongation or flatness of its principal axes in mm
-  above limits; thin tubes attached to a lesion are cut off by a 1 mm opening first;
+  above limits. Before candidates are split into peaks, the centre lines of long thin bright tubes
+  (Hessian of the map: two strong curvatures, one flat) are cut out with a 1 mm margin, so a
+  lesion touching a vessel is a candidate of its own; thin tubes still attached to a candidate
+  (elongated, or far larger than its inscribed ball) are cut off by a 1 mm opening;
 - *too faint or too small*: peak enhancement below ``min_peak_enhancement_pct``, or fewer than
   ``min_voxels`` voxels / ``min_volume_mm3``.
 """
@@ -105,6 +108,12 @@ def detect_lesions(post_n: np.ndarray, zooms, brain: np.ndarray, settings: Setti
     cand &= search
     conn = ndi.generate_binary_structure(3, settings.skimage_connectivity)
     lab, n = ndi.label(cand, structure=conn)
+    # centre lines of long thin bright tubes (vessels), widened to their flanks: taken out of each
+    # component before it is split into peaks, so a lesion touching a vessel stands on its own
+    vessel_cut = np.zeros(cand.shape, bool)
+    if settings.vessel_cut_mm > 0:
+        centre = tube_centrelines(enh_s, cand, zooms, min_length_mm=settings.min_vessel_length_mm)
+        vessel_cut = dilate(centre, settings.vessel_cut_mm, zooms) & cand
 
     ref = pre_n if pre_n is not None else post_n
     depth = distance_mm(brain, zooms)
@@ -129,9 +138,11 @@ def detect_lesions(post_n: np.ndarray, zooms, brain: np.ndarray, settings: Setti
         comp = lab[comp_sl] == idx
         origin = np.array([x.start for x in comp_sl])
         comp_n = int(comp.sum())
+        comp &= ~vessel_cut[comp_sl]
         pieces = ((piece, how, origin + start, attached)
                   for start, region, attached in _peel(comp, enh_s[comp_sl], lo=lo, hi=hi,
-                                                       conn=conn, zooms=zooms)
+                                                       conn=conn, zooms=zooms,
+                                                       dynamic=2.0 * sigma)
                   for piece, how in _split_tubes(region, zooms, settings))
         for piece, how, offset, attached in pieces:
             # work in the piece's own box: a lesion peeled off a long vessel is small
@@ -190,33 +201,58 @@ def detect_lesions(post_n: np.ndarray, zooms, brain: np.ndarray, settings: Setti
     labels = _relabel_connected(labels, conn)
     return Detection(labels=labels, enhancement=enh, candidates=table, noise_sigma=sigma,
                      candidate_labels=cand_labels,
-                     thresholds={"high_pct": hi, "low_pct": lo, "sigma_pct": sigma})
+                     thresholds={"high_pct": hi, "low_pct": lo, "sigma_pct": sigma,
+                                 "vessel_cut_voxels": int(vessel_cut.sum())})
 
 
 def _peel(comp: np.ndarray, enh_s: np.ndarray, *, lo: float, hi: float, conn: np.ndarray,
-          zooms, window_mm: float = 20.0):
+          zooms, dynamic: float, window_mm: float = 20.0):
     """Split a hysteresis component into regions, each at half of its own peak.
 
     Yields ``(offset, region, attached)``: a boolean region in a window of the component's box,
     the window's start, and whether the region reaches beyond the window or touches a region that
     did (a piece of a vessel tree or of the dura rather than something on its own).
 
-    Local maxima above ``hi`` are visited from the brightest down; each one still free takes its
-    half-maximum region (within ``window_mm`` of the peak), and that region with a
-    one-voxel margin is removed from what remains. A lesion touching a much brighter vessel keeps
-    its own extent instead of vanishing under the vessel's half-maximum; a ring is one region (its
-    rim is one plateau); smoothing does not inflate small lesions, as the extent is a
-    half-maximum. The window keeps the cost linear in the number of peaks for large enhancing
-    networks (a vessel tree, the dura).
+    The component is first flooded from its maxima above ``hi`` (watershed on the smoothed
+    enhancement), so each voxel belongs to the peak it climbs to; a basin whose peak rises less
+    than ``dynamic`` above the saddle to a higher neighbour is noise on a plateau and joins it.
+    Peaks are then visited from the brightest down; each one still free takes its half-maximum
+    region (within ``window_mm`` of the peak), and that region with a one-voxel margin, together
+    with the whole basin of every peak it holds, is removed from what remains. A lesion touching a
+    much brighter vessel thus keeps its own extent, not the vessel's partial-volume flank (which
+    climbs to the vessel); a ring is one region (its rim is one plateau); smoothing does not
+    inflate small lesions, as the extent is a half-maximum. The window keeps the cost linear in
+    the number of peaks for large enhancing networks (a vessel tree, the dura).
     """
-    vals = np.where(comp, enh_s, -np.inf).astype(np.float32)
-    is_peak = (vals >= hi) & (vals == ndi.maximum_filter(vals, footprint=conn))
-    peaks = np.argwhere(is_peak)
-    peaks = peaks[np.argsort(-vals[is_peak], kind="stable")]
+    from skimage.segmentation import watershed
+
+    vals = np.where(comp, enh_s, lo).astype(np.float32)
+    is_peak = comp & (vals >= hi) & (vals == ndi.maximum_filter(vals, footprint=conn))
+    markers, n = ndi.label(is_peak, structure=conn)
+    if n == 0:
+        return
+    idx = np.arange(1, n + 1)
+    basins = watershed(-vals, markers, connectivity=conn, mask=comp)
+    peak_val = np.asarray(ndi.maximum(vals, markers, idx), float)
+    groups = _merge_basins(basins, vals, peak_val, conn, dynamic=dynamic)
+    glab = groups[basins]
+    gboxes = ndi.find_objects(glab)
+    # each group's peak: its highest marker
+    best: dict[int, int] = {}
+    for m in idx:
+        g = int(groups[m])
+        if g not in best or peak_val[m - 1] > peak_val[best[g] - 1]:
+            best[g] = int(m)
+    peaks_at = np.asarray(ndi.maximum_position(vals, markers, idx), int)
+    order = sorted(best, key=lambda g: -peak_val[best[g] - 1])
+    peak_of = np.zeros(comp.shape, np.int32)      # group label at each group's peak voxel
+    for g, m in best.items():
+        peak_of[tuple(peaks_at[m - 1])] = g
     remaining = comp.copy()
     large = np.zeros(comp.shape, bool)
     half = np.ceil(window_mm / np.asarray(zooms, float)).astype(int)
-    for p in peaks:
+    for g in order:
+        p = peaks_at[best[g] - 1]
         if not remaining[tuple(p)]:
             continue
         start = np.maximum(p - half, 0)
@@ -227,13 +263,75 @@ def _peel(comp: np.ndarray, enh_s: np.ndarray, *, lo: float, hi: float, conn: np
         lab, _ = ndi.label(remaining[sl] & (enh_s[sl] >= level), structure=conn)
         region = lab == lab[tuple(p - start)]
         grown = ndi.binary_dilation(region, structure=conn)
-        # a region larger than the window (a vessel, the dura), or touching one, is part of a
-        # larger enhancing structure
         attached = _touches_cut(region, start, stop, comp.shape) or bool((large[sl] & grown).any())
         if attached:
             large[sl] |= grown
         yield start, region, attached
         remaining[sl] &= ~grown
+        # the flanks of every peak this region holds go with it
+        for h in np.unique(peak_of[sl][region]):
+            if h == 0:
+                continue
+            box = gboxes[h - 1]
+            remaining[box] &= glab[box] != h
+
+
+def _merge_basins(basins: np.ndarray, vals: np.ndarray, peak_val: np.ndarray, conn: np.ndarray,
+                  *, dynamic: float) -> np.ndarray:
+    """Group label of each basin (index 0 = background) after merging insignificant peaks.
+
+    Pairs of touching basins are visited from the highest saddle (the highest value at which the
+    two meet) down, as in a persistence merge; the lower peak joins the higher one when it rises
+    less than ``dynamic`` above the saddle.
+
+    >>> b = np.array([[[1, 1, 2, 2, 3, 3]]]); v = np.array([[[5., 9, 8, 6, 20, 30]]], np.float32)
+    >>> _merge_basins(b, v, np.array([9., 8, 30]), np.ones((3, 3, 3), bool), dynamic=1.5).tolist()
+    [0, 1, 1, 3]
+    """
+    n = len(peak_val)
+    parent = np.arange(n + 1)
+    pairs = _basin_saddles(basins, vals, conn)
+    top = np.r_[0.0, peak_val]
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for (a, b), saddle in sorted(pairs.items(), key=lambda kv: -kv[1]):
+        ra, rb = root(a), root(b)
+        if ra == rb:
+            continue
+        low, high = (ra, rb) if top[ra] < top[rb] else (rb, ra)
+        if top[low] - saddle < dynamic:
+            parent[low] = high
+    return np.array([root(i) for i in range(n + 1)])
+
+
+def _basin_saddles(basins: np.ndarray, vals: np.ndarray, conn: np.ndarray) -> dict:
+    """``{(a, b): saddle}`` for touching basins a < b: highest min(value) across their border."""
+    offsets = [o for o in np.argwhere(conn) - 1 if tuple(o) > (0, 0, 0)]
+    keys, saddles = [], []
+    nb = int(basins.max()) + 1
+    for o in offsets:
+        src = tuple(slice(max(0, -d), s - max(0, d)) for d, s in zip(o, basins.shape))
+        dst = tuple(slice(max(0, d), s - max(0, -d)) for d, s in zip(o, basins.shape))
+        a, b = basins[src], basins[dst]
+        edge = (a != b) & (a > 0) & (b > 0)
+        if not edge.any():
+            continue
+        aa, bb = a[edge].astype(np.int64), b[edge].astype(np.int64)
+        keys.append(np.minimum(aa, bb) * nb + np.maximum(aa, bb))
+        saddles.append(np.minimum(vals[src][edge], vals[dst][edge]))
+    if not keys:
+        return {}
+    keys, saddles = np.concatenate(keys), np.concatenate(saddles)
+    order = np.argsort(keys, kind="stable")
+    keys, saddles = keys[order], saddles[order]
+    uniq, first = np.unique(keys, return_index=True)
+    best = np.maximum.reduceat(saddles, first)
+    return {(int(k // nb), int(k % nb)): float(s) for k, s in zip(uniq, best)}
 
 
 def _touches_cut(region: np.ndarray, start, stop, shape) -> bool:
@@ -264,13 +362,17 @@ def _relabel_connected(labels: np.ndarray, conn: np.ndarray) -> np.ndarray:
 def _split_tubes(comp: np.ndarray, zooms, settings: Settings):
     """Yield ``(piece, how)``: the component itself, or its blob cores when thin tubes attach.
 
+    A component is split when it is elongated, or when it holds far more than its largest
+    inscribed ball (tubularity above ``max_tubularity``: a blob with vessels running off it).
+
     A 1 mm opening removes tubes thinner than ~2 mm; each surviving core is grown back inside the
     component by up to 1.5 mm so the lesion keeps its extent but not the vessel.
     """
     n = int(comp.sum())
     axes = principal_axes_mm(np.argwhere(comp), zooms)
     elong = axes[0] / max(axes[1], 1e-6)
-    if n < 20 or elong <= settings.max_elongation:
+    if n < 20 or (elong <= settings.max_elongation
+                  and thickness_tubularity(comp, zooms)[1] <= settings.max_tubularity):
         yield comp, ""
         return
     se = ball(1.0 + 0.5 * min(zooms), zooms)
@@ -282,6 +384,80 @@ def _split_tubes(comp: np.ndarray, zooms, settings: Settings):
     for j in range(1, k + 1):
         piece = dilate(lab == j, 1.5, zooms) & comp
         yield piece, "opened"
+
+
+def tube_centrelines(enh_s: np.ndarray, where: np.ndarray, zooms, *, sigma_mm: float = 1.0,
+                     flat: float = 0.3, slope_per_mm: float = 0.3, max_width_mm: float = 1.8,
+                     min_length_mm: float = 8.0) -> np.ndarray:
+    """Voxels of ``where`` on the centre line of a bright tube at least ``min_length_mm`` long.
+
+    From the Hessian of the map smoothed at ``sigma_mm``: across a tube the curvature is strongly
+    negative in two directions and nearly zero along it (the smallest magnitude below ``flat`` of
+    the next). The shoulder of a compact blob has the same curvatures, with the flat direction
+    pointing down the blob's steep side; along a vessel the intensity changes slowly, so the
+    relative slope along the flat direction must stay below ``slope_per_mm``. A thin tube is
+    sharply curved for its brightness: value / |cross curvature| (the squared width of the
+    smoothed profile) at most ``max_width_mm`` squared, which keeps the arms of a large irregular
+    lesion (a few mm across) out. Compact lesions
+    (all curvatures alike) and short ovoids (the centre-line piece is short) are not tubes. On
+    thick slices the two in-plane curvatures are compared instead (a vessel in the slice plane).
+
+    >>> g = np.indices((30, 21, 21)) - 10.0
+    >>> rod = 100 * np.exp(-(g[1] ** 2 + g[2] ** 2) / 3.0)
+    >>> ball = 100 * np.exp(-((g[0] - 5) ** 2 + g[1] ** 2 + g[2] ** 2) / 8.0)
+    >>> tube = lambda x: int(tube_centrelines(x, x > 20, (1, 1, 1)).sum())
+    >>> tube(rod) > 20, tube(ball)
+    (True, 0)
+    """
+    zooms = np.asarray(zooms, float)
+    out = np.zeros(where.shape, bool)
+    if not where.any():
+        return out
+    box = ndi.find_objects(where.astype(np.int8))[0]
+    pad = np.ceil(3 * sigma_mm / zooms).astype(int) + 1
+    box = _grow_box(box, pad, where.shape)
+    data = np.asarray(enh_s[box], np.float32)
+    inside = where[box]
+    thick_axis = int(np.argmax(zooms))
+    thick = zooms[thick_axis] > 1.5 * np.delete(zooms, thick_axis).max()
+    axes = [a for a in range(3) if not (thick and a == thick_axis)]
+    sig = [sigma_mm / z for z in zooms]
+    if thick:
+        sig[thick_axis] = 0.0
+    idx = np.nonzero(inside)
+    k = len(axes)
+    hess = np.empty((len(idx[0]), k, k), np.float32)
+    grad = np.empty((len(idx[0]), k), np.float32)
+    level = np.maximum(ndi.gaussian_filter(data, sig, mode="nearest")[idx], 1e-3)
+    for i, a in enumerate(axes):
+        order = [0, 0, 0]
+        order[a] = 1
+        grad[:, i] = ndi.gaussian_filter(data, sig, order=order, mode="nearest")[idx] / zooms[a]
+        for j, b in enumerate(axes[i:], start=i):
+            order = [0, 0, 0]
+            order[a] += 1
+            order[b] += 1
+            d = ndi.gaussian_filter(data, sig, order=order, mode="nearest")[idx]
+            hess[:, i, j] = hess[:, j, i] = d / (zooms[a] * zooms[b])
+    w, v = np.linalg.eigh(hess)
+    mag = np.argsort(np.abs(w), axis=1)
+    w = np.take_along_axis(w, mag, axis=1)
+    v = np.take_along_axis(v, mag[:, None, :], axis=2)
+    null = v[:, :, 0]
+    slope = np.abs((grad * null).sum(axis=1)) / level
+    tube = (w[:, 1:] < 0).all(axis=1) & (np.abs(w[:, 0]) < flat * np.abs(w[:, 1]))
+    tube &= slope < slope_per_mm
+    tube &= level <= max_width_mm ** 2 * np.abs(w[:, 1])
+    sub = np.zeros(inside.shape, bool)
+    sub[tuple(i[tube] for i in idx)] = True
+    lab, n = ndi.label(sub, structure=np.ones((3, 3, 3), bool))
+    for j, sl in enumerate(ndi.find_objects(lab), start=1):
+        if sl is None:
+            continue
+        piece = lab[sl] == j
+        if 4.0 * principal_axes_mm(np.argwhere(piece), zooms)[0] >= min_length_mm:
+            out[box][sl] |= piece
+    return out
 
 
 def _grow_box(box, pad, shape):
