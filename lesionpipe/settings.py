@@ -134,6 +134,17 @@ class Settings:
     subtraction_z: float = 4.0
     #: post-only threshold, in robust standard deviations of normal-appearing white matter
     post_only_z: float = 4.0
+    #: the enhancement map is smoothed (Gaussian, sigma in mm) before candidates are thresholded
+    enhancement_smooth_mm: float = 0.7
+    #: on thick-slice grids (thickest voxel side at least ``thick_slice_mm``) the high threshold is
+    #: this many noise SDs when that is below ``subtraction_z`` / ``post_only_z`` (the smoothing
+    #: cannot act across slices, so a lesion's peak stands less far above the noise)
+    thick_slice_mm: float = 2.5
+    thick_slice_z: float = 4.0
+    #: give back, as candidates of their own, compact bright parts of an enhancing component that
+    #: no peeled region took (a lesion on the flank of a brighter vessel); off by default, see
+    #: docs/evaluation.md for what it did on a fresh seed
+    recover_flanks: bool = False
     #: minimum enhancement of a lesion's peak over normal-appearing white matter, percent
     min_peak_enhancement_pct: float = 15.0
     #: minimum mean enhancement of a candidate above its 2 mm surroundings, percent

@@ -225,3 +225,20 @@ def test_a_lesion_touching_a_brighter_vessel_keeps_its_own_extent(vessel_blur):
         regions.append(full)
     own = [r for r in regions if (r & lesion).sum() > 0.5 * lesion.sum()]
     assert len(own) == 1 and (own[0] & ~lesion).sum() < 0.3 * own[0].sum()
+
+
+def test_thick_slice_grids_have_their_own_threshold():
+    """The thick-slice threshold acts on thick grids only, and sets the high threshold as stated."""
+    kw = dict(classifier="none", min_peak_enhancement_pct=1.0, thick_slice_z=3.0)
+    grid, brain, pre, noise, zooms = _brain((1.0, 1.0, 5.0))
+    pre_n, post_n = pre + noise(), pre + noise()
+    thick = _run(post_n, pre_n, brain, zooms, **kw).thresholds
+    assert thick["high_pct"] == pytest.approx(3.0 * thick["sigma_pct"], rel=1e-6)
+    assert _run(post_n, None, brain, zooms, **kw).thresholds["high_pct"] == pytest.approx(
+        3.0 * _run(post_n, None, brain, zooms, **kw).thresholds["sigma_pct"], rel=1e-6)
+    grid, brain, pre, noise, zooms = _brain((1.0, 1.0, 1.0))
+    pre_n, post_n = pre + noise(), pre + noise()
+    iso = _run(post_n, pre_n, brain, zooms, **kw).thresholds
+    assert iso == _run(post_n, pre_n, brain, zooms, classifier="none",
+                       min_peak_enhancement_pct=1.0).thresholds
+    assert iso["high_pct"] == pytest.approx(4.0 * iso["sigma_pct"], rel=1e-6)

@@ -98,10 +98,13 @@ def detect_lesions(post_n: np.ndarray, zooms, brain: np.ndarray, settings: Setti
     search = brain.copy()
     if valid is not None and pre_n is not None:
         search &= valid
-    enh_s = smooth_mm(enh, 0.7, zooms)
+    thick = zooms.max() >= settings.thick_slice_mm
+    enh_s = smooth_mm(enh, settings.enhancement_smooth_mm, zooms)
     noise_region = wm if wm is not None and wm.sum() > 1000 else brain
     sigma = robust_sigma(enh_s[noise_region])
     z_hi = settings.subtraction_z if pre_n is not None else settings.post_only_z
+    if thick:
+        z_hi = min(z_hi, settings.thick_slice_z)
     hi = max(z_hi * sigma, 0.6 * settings.min_peak_enhancement_pct)
     lo = max(2.5 * sigma, 0.4 * settings.min_peak_enhancement_pct)
     cand = apply_hysteresis_threshold(np.where(search, enh_s, 0), lo, hi)
@@ -142,7 +145,8 @@ def detect_lesions(post_n: np.ndarray, zooms, brain: np.ndarray, settings: Setti
         pieces = ((piece, how, origin + start, attached)
                   for start, region, attached in _peel(comp, enh_s[comp_sl], lo=lo, hi=hi,
                                                        conn=conn, zooms=zooms,
-                                                       dynamic=2.0 * sigma)
+                                                       dynamic=2.0 * sigma,
+                                                       recover_flanks=settings.recover_flanks)
                   for piece, how in _split_tubes(region, zooms, settings))
         for piece, how, offset, attached in pieces:
             # work in the piece's own box: a lesion peeled off a long vessel is small
@@ -206,7 +210,7 @@ def detect_lesions(post_n: np.ndarray, zooms, brain: np.ndarray, settings: Setti
 
 
 def _peel(comp: np.ndarray, enh_s: np.ndarray, *, lo: float, hi: float, conn: np.ndarray,
-          zooms, dynamic: float, window_mm: float = 20.0):
+          zooms, dynamic: float, window_mm: float = 20.0, recover_flanks: bool = False):
     """Split a hysteresis component into regions, each at half of its own peak.
 
     Yields ``(offset, region, attached)``: a boolean region in a window of the component's box,
@@ -249,6 +253,7 @@ def _peel(comp: np.ndarray, enh_s: np.ndarray, *, lo: float, hi: float, conn: np
     for g, m in best.items():
         peak_of[tuple(peaks_at[m - 1])] = g
     remaining = comp.copy()
+    taken = np.zeros(comp.shape, bool)
     large = np.zeros(comp.shape, bool)
     half = np.ceil(window_mm / np.asarray(zooms, float)).astype(int)
     for g in order:
@@ -268,12 +273,46 @@ def _peel(comp: np.ndarray, enh_s: np.ndarray, *, lo: float, hi: float, conn: np
             large[sl] |= grown
         yield start, region, attached
         remaining[sl] &= ~grown
+        taken[sl] |= grown
         # the flanks of every peak this region holds go with it
         for h in np.unique(peak_of[sl][region]):
             if h == 0:
                 continue
             box = gboxes[h - 1]
             remaining[box] &= glab[box] != h
+    if recover_flanks:
+        yield from _orphaned_flanks(comp & ~taken, enh_s, hi=hi, conn=conn, zooms=zooms)
+
+
+def _orphaned_flanks(rest: np.ndarray, enh_s: np.ndarray, *, hi: float, conn: np.ndarray, zooms):
+    """Compact bright parts of a component that no peeled region took: lesions on a vessel's flank.
+
+    A lesion touching a much brighter vessel may have no peak of its own after smoothing (it rises
+    less than the merge dynamic above its saddle to the vessel), so its voxels go with the
+    vessel's flanks and no region holds them. What is left of the component once every region has
+    been taken, above ``hi``, opened by one voxel in-plane (a vessel's flank is a thin shell, a
+    lesion is not), is given back as regions of its own, marked attached.
+
+    >>> rest = np.zeros((1, 12, 12), bool); rest[0, 2:7, 2:7] = True; rest[0, 10, :] = True
+    >>> [(int(r.sum()), a) for _, r, a in _orphaned_flanks(rest, rest * 20.0, hi=10.0,
+    ...     conn=np.ones((3, 3, 3), bool), zooms=(3.0, 1.0, 1.0))]
+    [(21, True)]
+    """
+    zooms = np.asarray(zooms, float)
+    se = ndi.generate_binary_structure(3, 1)
+    for ax in np.flatnonzero(zooms > 1.5 * zooms.min()):
+        se = np.moveaxis(se, ax, 0)
+        se[[0, 2]] = False
+        se = np.moveaxis(se, 0, ax)
+    bright = rest & (enh_s >= hi)
+    core = ndi.binary_erosion(bright, structure=se)
+    cl, n = ndi.label(core, structure=conn)
+    for i, box in enumerate(ndi.find_objects(cl), start=1):
+        if box is None:
+            continue
+        sl = _grow_box(box, np.ones(3, int), rest.shape)
+        region = ndi.binary_dilation(cl[sl] == i, structure=se) & bright[sl]
+        yield np.array([x.start for x in sl]), region, True
 
 
 def _merge_basins(basins: np.ndarray, vals: np.ndarray, peak_val: np.ndarray, conn: np.ndarray,
