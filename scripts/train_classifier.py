@@ -115,16 +115,26 @@ def main() -> int:
     ap.add_argument("--reuse", action="store_true", help="use candidates already computed")
     ap.add_argument("--kind", choices=["trees", "logistic"], default="trees")
     ap.add_argument("--l2", type=float, default=1.0, help="logistic only")
+    ap.add_argument("--n-trees", type=int, default=300, help="trees only")
+    ap.add_argument("--depth", type=int, default=3, help="trees only: depth of each tree")
+    ap.add_argument("--drop-features", nargs="*", default=[], metavar="NAME",
+                    help="features the model does not read (see lesionpipe.lesions.classifier)")
     ap.add_argument("--folds", type=int, default=5, help="subject-grouped cross-validation folds")
     ap.add_argument("--out", type=Path, default=None, help="model JSON (default: the shipped one)")
     args = ap.parse_args()
 
-    from lesionpipe.lesions.classifier import DEFAULT_MODEL, train, train_trees
+    from lesionpipe.lesions.classifier import DEFAULT_MODEL, FEATURES, train, train_trees
+
+    unknown = sorted(set(args.drop_features) - set(FEATURES))
+    if unknown:
+        ap.error(f"--drop-features: unknown {unknown} (known: {list(FEATURES)})")
+    names = [n for n in FEATURES if n not in args.drop_features]
 
     def fit(table, labels, info=None):
         if args.kind == "trees":
-            return train_trees(table, labels, info=info)
-        return train(table, labels, l2=args.l2, info=info)
+            return train_trees(table, labels, n_trees=args.n_trees, depth=args.depth, info=info,
+                               names=names)
+        return train(table, labels, l2=args.l2, info=info, names=names)
 
     if args.reuse:
         bases = sorted(p for p in args.root.iterdir() if (p / "out").is_dir())
@@ -164,7 +174,8 @@ def main() -> int:
     model = fit(data, y, info={
         "kind": args.kind, "trained_on": [b.name for b in bases],
         "n_candidates": int(len(data)), "n_lesions": int(y.sum()), "n_visits": int(visits),
-        "labelling": "lesion if >= 30% of voxels on counted truth lesions; mimic if none"})
+        "labelling": "lesion if >= 30% of voxels on counted truth lesions; mimic if none",
+        **({"n_trees": args.n_trees, "depth": args.depth} if args.kind == "trees" else {})})
     out = args.out or DEFAULT_MODEL
     model.to_json(out)
     if args.kind == "logistic":

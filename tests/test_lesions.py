@@ -197,6 +197,10 @@ def test_boosted_trees_learn_exports_and_reload(tmp_path):
     again = load_model(path)
     assert isinstance(again, TreeModel)
     np.testing.assert_allclose(again.probability(test), p, atol=1e-6)
+    # a model trained on a subset of the features reads only those
+    fewer = train_trees(table, y, n_trees=20, names=["contrast_z", "log_elongation"])
+    assert fewer.names == ("contrast_z", "log_elongation")
+    assert fewer.probability(test.drop(columns=["parent_ratio", "shell_wm"])).shape == (500,)
 
 
 @pytest.mark.parametrize("vessel_blur", [0.5, 1.0])

@@ -164,11 +164,14 @@ class TreeModel:
 
 def train_trees(table: pd.DataFrame, labels: np.ndarray, *, n_trees: int = 300, depth: int = 3,
                 rate: float = 0.05, min_leaf: int = 20, seed: int = 0,
-                info: dict | None = None) -> TreeModel:
-    """Fit the boosted trees with scikit-learn (needed for training only) and export them."""
+                info: dict | None = None, names=None) -> TreeModel:
+    """Fit the boosted trees with scikit-learn (needed for training only) and export them.
+
+    ``names``: the features to read (default: all of :data:`FEATURES`).
+    """
     from sklearn.ensemble import GradientBoostingClassifier
 
-    names = tuple(FEATURES)
+    names = tuple(FEATURES) if names is None else tuple(names)
     x = feature_matrix(table, names)
     y = np.asarray(labels, int)
     clf = GradientBoostingClassifier(n_estimators=n_trees, max_depth=depth, learning_rate=rate,
@@ -219,15 +222,16 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, *, l2: float = 1.0, weight_positi
 
 
 def train(table: pd.DataFrame, labels: np.ndarray, *, l2: float = 1.0,
-          weight_positive: float = 1.0, info: dict | None = None) -> LogisticModel:
-    x = feature_matrix(table)
+          weight_positive: float = 1.0, info: dict | None = None, names=None) -> LogisticModel:
+    names = tuple(FEATURES) if names is None else tuple(names)
+    x = feature_matrix(table, names)
     mean = x.mean(axis=0)
     scale = x.std(axis=0)
     scale[scale < 1e-9] = 1.0
     coef, intercept = fit_logistic((x - mean) / scale, np.asarray(labels, float), l2=l2,
                                    weight_positive=weight_positive)
     return LogisticModel(mean=mean, scale=scale, coef=coef, intercept=intercept,
-                         names=tuple(FEATURES), info=info or {})
+                         names=names, info=info or {})
 
 
 _CACHE: dict[str, "LogisticModel | TreeModel"] = {}
