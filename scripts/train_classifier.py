@@ -174,8 +174,7 @@ def main() -> int:
     model = fit(data, y, info={
         "kind": args.kind, "trained_on": [b.name for b in bases],
         "n_candidates": int(len(data)), "n_lesions": int(y.sum()), "n_visits": int(visits),
-        "labelling": "lesion if >= 30% of voxels on counted truth lesions; mimic if none",
-        **({"n_trees": args.n_trees, "depth": args.depth} if args.kind == "trees" else {})})
+        "labelling": "lesion if >= 30% of voxels on counted truth lesions; mimic if none"})
     out = args.out or DEFAULT_MODEL
     model.to_json(out)
     if args.kind == "logistic":

@@ -200,6 +200,7 @@ def test_boosted_trees_learn_exports_and_reload(tmp_path):
     # a model trained on a subset of the features reads only those
     fewer = train_trees(table, y, n_trees=20, names=["contrast_z", "log_elongation"])
     assert fewer.names == ("contrast_z", "log_elongation")
+    assert (fewer.info["n_trees"], fewer.info["depth"]) == (20, 3)
     assert fewer.probability(test.drop(columns=["parent_ratio", "shell_wm"])).shape == (500,)
 
 

@@ -56,9 +56,14 @@ FEATURES = {
 }
 
 
+def feature_names(names=None) -> tuple[str, ...]:
+    """``names`` as a tuple, or every feature of :data:`FEATURES` when None."""
+    return tuple(FEATURES) if names is None else tuple(names)
+
+
 def feature_matrix(table: pd.DataFrame, names=None) -> np.ndarray:
     """Features of each candidate as columns (``names``: a subset, in that order); NaN -> 0."""
-    names = list(FEATURES) if names is None else list(names)
+    names = feature_names(names)
     x = np.column_stack([np.asarray(FEATURES[n](table), float) for n in names])
     return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
 
@@ -171,7 +176,7 @@ def train_trees(table: pd.DataFrame, labels: np.ndarray, *, n_trees: int = 300, 
     """
     from sklearn.ensemble import GradientBoostingClassifier
 
-    names = tuple(FEATURES) if names is None else tuple(names)
+    names = feature_names(names)
     x = feature_matrix(table, names)
     y = np.asarray(labels, int)
     clf = GradientBoostingClassifier(n_estimators=n_trees, max_depth=depth, learning_rate=rate,
@@ -186,7 +191,8 @@ def train_trees(table: pd.DataFrame, labels: np.ndarray, *, n_trees: int = 300, 
                       "left": t.children_left.tolist(), "right": t.children_right.tolist(),
                       "value": [round(float(v), 6) for v in t.value[:, 0, 0]]})
     model = TreeModel(names=names, init=float(np.log(prior / (1 - prior))), rate=rate,
-                      trees=trees, info=info or {})
+                      trees=trees, info={**(info or {}), "n_trees": n_trees, "depth": depth,
+                                         "min_leaf": min_leaf})
     # the exported model must reproduce scikit-learn's own decision function
     ref = clf.decision_function(x[:200])
     if not np.allclose(model.log_odds(x[:200]), ref, atol=1e-3):
@@ -223,7 +229,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, *, l2: float = 1.0, weight_positi
 
 def train(table: pd.DataFrame, labels: np.ndarray, *, l2: float = 1.0,
           weight_positive: float = 1.0, info: dict | None = None, names=None) -> LogisticModel:
-    names = tuple(FEATURES) if names is None else tuple(names)
+    names = feature_names(names)
     x = feature_matrix(table, names)
     mean = x.mean(axis=0)
     scale = x.std(axis=0)
