@@ -174,6 +174,8 @@ def _add_phantoms(sub) -> None:
     p.add_argument("--activity", type=float, default=1.0,
                    help="scale of the rate of new enhancing lesions (1 = a trial population; "
                         "e.g. 4 for lesion-rich training or evaluation data)")
+    p.add_argument("--juxtacortical", type=float, default=0.25,
+                   help="share of new lesions placed at the grey-white junction (0-1)")
     p.set_defaults(func=_cmd_phantoms)
 
 
@@ -187,9 +189,11 @@ def _cmd_phantoms(args) -> int:
         raise UsageError(f"--weeks must be increasing non-negative integers, got {args.weeks}")
     if not args.activity > 0:
         raise UsageError("--activity must be positive")
+    if not 0.0 <= args.juxtacortical <= 1.0:
+        raise UsageError("--juxtacortical must be between 0 and 1")
     write_dataset(args.out_dir, truth, n_subjects=args.subjects, weeks=tuple(args.weeks),
                   seed=args.seed, stress=args.stress, size=args.size, activity=args.activity,
-                  progress=LOG.info)
+                  juxtacortical=args.juxtacortical, progress=LOG.info)
     print(f"dataset: {args.out_dir}\ntruth:   {truth}")
     return 0
 

@@ -792,12 +792,20 @@ class _Placer:
 
 
 def plan_lesions(rng: np.random.Generator, anat: Anatomy, weeks: list[int], *, stress: bool,
-                 pair_dirs: list | None = None, activity: float = 1.0) -> list[Lesion]:
+                 pair_dirs: list | None = None, activity: float = 1.0,
+                 juxtacortical: float = 0.25) -> list[Lesion]:
     """Draw every lesion of one subject with its enhancement history over the visits.
 
     ``activity`` scales the subject's rate of new enhancing lesions (1 = a trial population;
     larger values make lesion-rich data for training and evaluation, with every subject active).
+    ``juxtacortical``: share of the freely placed new lesions put at the grey-white junction (the
+    rest periventricular and deep, 45 : 30); raised for training data, where lesions near the
+    cortex are outnumbered by cortical and sulcal vessels.
     """
+    if not 0.0 <= juxtacortical <= 1.0:
+        raise ValueError(f"juxtacortical share must be in [0, 1], got {juxtacortical}")
+    site_p = [round(0.6 * (1.0 - juxtacortical), 12), juxtacortical,
+              round(0.4 * (1.0 - juxtacortical), 12)]
     placer = _Placer(rng, anat)
     grid = anat.grid
     lesions: list[Lesion] = []
@@ -885,7 +893,7 @@ def plan_lesions(rng: np.random.Generator, anat: Anatomy, weeks: list[int], *, s
                         les.enhancement[v] = _draw_amplitude(rng, stress)
                     continue
             if les is None:
-                les = make(kind, vol, sites[int(rng.choice(3, p=[0.45, 0.25, 0.3]))], v, t1f)
+                les = make(kind, vol, sites[int(rng.choice(3, p=site_p))], v, t1f)
             if les is None:
                 continue
             les.enhancement[v] = amp
@@ -1236,7 +1244,8 @@ def _rot_deg(r: np.ndarray) -> float:
 def write_dataset(bids_dir, truth_dir, *, n_subjects: int = 4, weeks=(0, 4, 12), seed: int = 0,
                   stress: bool = False, size: str = "full", p_post_only: float = 0.25,
                   p_2d: float = 0.4, storage: str | None = None, overrides: dict | None = None,
-                  gain_range=(0.01, 5000.0), activity: float = 1.0, progress=None) -> dict:
+                  gain_range=(0.01, 5000.0), activity: float = 1.0, juxtacortical: float = 0.25,
+                  progress=None) -> dict:
     """Write a synthetic BIDS dataset to ``bids_dir`` and its ground truth to ``truth_dir``.
 
     ``overrides`` maps ``(subject_index, visit_index)`` to a dict with any of ``grid`` ('3d'/'2d'),
@@ -1244,7 +1253,8 @@ def write_dataset(bids_dir, truth_dir, *, n_subjects: int = 4, weeks=(0, 4, 12),
     visit's design (used for the sample dataset).
     ``storage`` forces 'float32', 'int16' or 'int16_scaled' for every scan; ``gain_range`` bounds
     the arbitrary scanner gain (white matter intensity before noise).
-    ``activity`` scales the rate of new enhancing lesions (see :func:`plan_lesions`).
+    ``activity`` scales the rate of new enhancing lesions and ``juxtacortical`` sets the share
+    placed at the grey-white junction (see :func:`plan_lesions`).
     Returns a summary dict (also written to ``truth_dir/generation.json``).
     """
     if activity <= 0:
@@ -1301,7 +1311,8 @@ def write_dataset(bids_dir, truth_dir, *, n_subjects: int = 4, weeks=(0, 4, 12),
             d = np.cross(sl, rng.standard_normal(3))
             design.append({"post": post, "pre": pre, "pair_dir": d / np.linalg.norm(d)})
         lesions = plan_lesions(np.random.default_rng(lesion_ss), anat, weeks, stress=stress,
-                               pair_dirs=[d["pair_dir"] for d in design], activity=activity)
+                               pair_dirs=[d["pair_dir"] for d in design], activity=activity,
+                               juxtacortical=juxtacortical)
         sess_rows = []
         for v, wk in enumerate(weeks):
             ses = f"ses-w{wk:02d}"
@@ -1362,7 +1373,8 @@ def write_dataset(bids_dir, truth_dir, *, n_subjects: int = 4, weeks=(0, 4, 12),
     summary = {
         "generator": "lesionpipe.phantom", "version": __version__, "seed": seed,
         "n_subjects": n_subjects, "weeks": weeks, "stress": stress, "size": size,
-        "p_post_only": p_post_only, "p_2d": p_2d, "activity": activity, "storage": storage,
+        "p_post_only": p_post_only, "p_2d": p_2d, "activity": activity,
+        "juxtacortical": juxtacortical, "storage": storage,
         "gain_range": list(gain_range),
         "overrides": {f"{k[0]},{k[1]}": v for k, v in overrides.items()},
         "counting_rule": {"min_voxels": MIN_VOXELS, "min_volume_mm3": MIN_VOLUME_MM3},

@@ -9,8 +9,9 @@ writing the model::
     python scripts/train_classifier.py TRAIN_ROOT --seeds 201 202 203 --subjects 4 [--stress-seeds 301]
     python scripts/train_classifier.py TRAIN_ROOT --reuse   # candidates already computed
 
-A seed may carry the dataset's lesion activity and share of post-only visits,
-``SEED[:ACTIVITY[:P]]`` (see ``lesionpipe phantoms --activity``). The shipped model was trained on
+A seed may carry the dataset's lesion activity, share of post-only visits and share of new
+lesions placed juxtacortically, ``SEED[:ACTIVITY[:P[:JUXTACORTICAL]]]`` (see ``lesionpipe phantoms
+--activity --juxtacortical``). The shipped model was trained on
 8 subjects x weeks 0/4/12 of each of ``--seeds 301 302:4 303:4:0.6 304:4:0.8`` (96 visits, 357
 lesion candidates, 19707 mimics).
 
@@ -30,16 +31,17 @@ import numpy as np
 import pandas as pd
 
 
-def _parse_seed(text: str) -> tuple[int, float, float]:
-    """``SEED[:ACTIVITY[:P_POST_ONLY]]`` -> (seed, activity, p_post_only).
+def _parse_seed(text: str) -> tuple[int, float, float, float]:
+    """``SEED[:ACTIVITY[:P_POST_ONLY[:JUXTACORTICAL]]]`` -> (seed, activity, p_post_only, share).
 
-    >>> _parse_seed("303:4:0.6"), _parse_seed("301")
-    ((303, 4.0, 0.6), (301, 1.0, 0.25))
+    >>> _parse_seed("303:4:0.6"), _parse_seed("301"), _parse_seed("305:6:0.5:0.6")
+    ((303, 4.0, 0.6, 0.25), (301, 1.0, 0.25, 0.25), (305, 6.0, 0.5, 0.6))
     """
     parts = text.split(":")
-    if not 1 <= len(parts) <= 3:
-        raise argparse.ArgumentTypeError(f"expected SEED[:ACTIVITY[:P_POST_ONLY]], got {text!r}")
-    defaults = [None, 1.0, 0.25]
+    if not 1 <= len(parts) <= 4:
+        raise argparse.ArgumentTypeError(
+            f"expected SEED[:ACTIVITY[:P_POST_ONLY[:JUXTACORTICAL]]], got {text!r}")
+    defaults = [None, 1.0, 0.25, 0.25]
     values = [int(parts[0])] + [float(p) for p in parts[1:]] + defaults[len(parts):]
     return tuple(values)
 
@@ -49,14 +51,15 @@ def _datasets(root: Path, seeds, stress_seeds, subjects, weeks):
 
     out = []
     for spec, stress in [(s, False) for s in seeds] + [(s, True) for s in stress_seeds]:
-        seed, activity, p_post_only = spec
+        seed, activity, p_post_only, juxtacortical = spec
         name = f"seed{seed}" + (f"_a{activity:g}" if activity != 1 else "") + (
-            f"_p{p_post_only:g}" if p_post_only != 0.25 else "") + ("_stress" if stress else "")
+            f"_p{p_post_only:g}" if p_post_only != 0.25 else "") + (
+            f"_j{juxtacortical:g}" if juxtacortical != 0.25 else "") + ("_stress" if stress else "")
         base = root / name
         if not (base / "bids").exists():
             write_dataset(base / "bids", base / "truth", n_subjects=subjects, weeks=weeks,
                           seed=seed, stress=stress, size="full", activity=activity,
-                          p_post_only=p_post_only)
+                          p_post_only=p_post_only, juxtacortical=juxtacortical)
         out.append(base)
     return out
 
@@ -107,7 +110,7 @@ def main() -> int:
     ap.add_argument("root", type=Path)
     ap.add_argument("--seeds", type=_parse_seed, nargs="*",
                     default=[_parse_seed(s) for s in ("301", "302:4", "303:4:0.6")],
-                    help="SEED[:ACTIVITY[:P_POST_ONLY]] of each phantom dataset")
+                    help="SEED[:ACTIVITY[:P_POST_ONLY[:JUXTACORTICAL]]] of each phantom dataset")
     ap.add_argument("--stress-seeds", type=_parse_seed, nargs="*", default=[])
     ap.add_argument("--subjects", type=int, default=8)
     ap.add_argument("--weeks", type=int, nargs="+", default=[0, 4, 12])

@@ -252,3 +252,17 @@ def test_activity_scales_the_new_lesions():
     assert rich > base
     with pytest.raises(ValueError, match="activity"):
         P.write_dataset("/nonexistent/b", "/nonexistent/t", activity=0)
+
+
+def test_juxtacortical_share_moves_new_lesions_to_the_grey_white_junction():
+    anat = P.make_anatomy(np.random.default_rng(4), size="small")
+
+    def share(j):
+        lesions = P.plan_lesions(np.random.default_rng(8), anat, [0, 4, 12], stress=False,
+                                 activity=6.0, juxtacortical=j)
+        new = [les for les in lesions if les.enhancement and les.touching == ""]
+        return sum(les.site == "juxtacortical" for les in new) / max(len(new), 1)
+
+    assert share(0.8) > share(0.25) + 0.2
+    with pytest.raises(ValueError, match="juxtacortical"):
+        P.plan_lesions(np.random.default_rng(8), anat, [0], stress=False, juxtacortical=1.5)
