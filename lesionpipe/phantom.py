@@ -733,6 +733,21 @@ def _frame(direction, rng) -> np.ndarray:
     return np.stack([d, t, np.cross(d, t)], axis=1)
 
 
+def _site_shares(juxtacortical: float) -> list[float]:
+    """Probabilities of periventricular, juxtacortical and deep placement of a new lesion.
+
+    The rest beside the juxtacortical share is split 60 : 40; rounding keeps the default exactly
+    the shares of earlier draws, so a seed reproduces its files byte for byte.
+
+    >>> _site_shares(0.25)
+    [0.45, 0.25, 0.3]
+    """
+    if not 0.0 <= juxtacortical <= 1.0:
+        raise ValueError(f"juxtacortical share must be in [0, 1], got {juxtacortical}")
+    rest = 1.0 - juxtacortical
+    return [round(0.6 * rest, 12), juxtacortical, round(0.4 * rest, 12)]
+
+
 def _log_uniform(rng, lo, hi):
     return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
 
@@ -802,10 +817,7 @@ def plan_lesions(rng: np.random.Generator, anat: Anatomy, weeks: list[int], *, s
     rest periventricular and deep, 45 : 30); raised for training data, where lesions near the
     cortex are outnumbered by cortical and sulcal vessels.
     """
-    if not 0.0 <= juxtacortical <= 1.0:
-        raise ValueError(f"juxtacortical share must be in [0, 1], got {juxtacortical}")
-    site_p = [round(0.6 * (1.0 - juxtacortical), 12), juxtacortical,
-              round(0.4 * (1.0 - juxtacortical), 12)]
+    site_p = _site_shares(juxtacortical)
     placer = _Placer(rng, anat)
     grid = anat.grid
     lesions: list[Lesion] = []
@@ -1259,6 +1271,7 @@ def write_dataset(bids_dir, truth_dir, *, n_subjects: int = 4, weeks=(0, 4, 12),
     """
     if activity <= 0:
         raise ValueError(f"activity must be positive, not {activity}")
+    _site_shares(juxtacortical)     # a bad share fails here, not after the first anatomy
     if size not in ("full", "small"):
         raise ValueError(f"size must be 'full' or 'small', not {size!r}")
     weeks = [int(w) for w in weeks]

@@ -31,6 +31,12 @@ import numpy as np
 import pandas as pd
 
 
+#: defaults of a seed's activity, post-only share and juxtacortical share, and the tag each one
+#: adds to the dataset's folder name when it differs (``seed302_a4``, ``seed305_a6_p0.5_j0.6``)
+_SEED_DEFAULTS = (1.0, 0.25, 0.25)
+_SEED_TAGS = ("a", "p", "j")
+
+
 def _parse_seed(text: str) -> tuple[int, float, float, float]:
     """``SEED[:ACTIVITY[:P_POST_ONLY[:JUXTACORTICAL]]]`` -> (seed, activity, p_post_only, share).
 
@@ -41,8 +47,7 @@ def _parse_seed(text: str) -> tuple[int, float, float, float]:
     if not 1 <= len(parts) <= 4:
         raise argparse.ArgumentTypeError(
             f"expected SEED[:ACTIVITY[:P_POST_ONLY[:JUXTACORTICAL]]], got {text!r}")
-    defaults = [None, 1.0, 0.25, 0.25]
-    values = [int(parts[0])] + [float(p) for p in parts[1:]] + defaults[len(parts):]
+    values = [int(parts[0])] + [float(p) for p in parts[1:]] + list(_SEED_DEFAULTS[len(parts) - 1:])
     return tuple(values)
 
 
@@ -52,9 +57,9 @@ def _datasets(root: Path, seeds, stress_seeds, subjects, weeks):
     out = []
     for spec, stress in [(s, False) for s in seeds] + [(s, True) for s in stress_seeds]:
         seed, activity, p_post_only, juxtacortical = spec
-        name = f"seed{seed}" + (f"_a{activity:g}" if activity != 1 else "") + (
-            f"_p{p_post_only:g}" if p_post_only != 0.25 else "") + (
-            f"_j{juxtacortical:g}" if juxtacortical != 0.25 else "") + ("_stress" if stress else "")
+        name = f"seed{seed}" + "".join(
+            f"_{tag}{value:g}" for tag, value, default in zip(_SEED_TAGS, spec[1:], _SEED_DEFAULTS)
+            if value != default) + ("_stress" if stress else "")
         base = root / name
         if not (base / "bids").exists():
             write_dataset(base / "bids", base / "truth", n_subjects=subjects, weeks=weeks,

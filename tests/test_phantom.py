@@ -266,3 +266,5 @@ def test_juxtacortical_share_moves_new_lesions_to_the_grey_white_junction():
     assert share(0.8) > share(0.25) + 0.2
     with pytest.raises(ValueError, match="juxtacortical"):
         P.plan_lesions(np.random.default_rng(8), anat, [0], stress=False, juxtacortical=1.5)
+    with pytest.raises(ValueError, match="juxtacortical"):    # before any anatomy is drawn
+        P.write_dataset("/nonexistent/b", "/nonexistent/t", juxtacortical=-0.1)
