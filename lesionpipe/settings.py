@@ -145,6 +145,13 @@ class Settings:
     #: no peeled region took (a lesion on the flank of a brighter vessel); off by default, see
     #: docs/evaluation.md for what it did on a fresh seed
     recover_flanks: bool = False
+    #: when a peak takes its half-maximum region, the watershed basins of the peaks it holds go
+    #: with it only within this distance (mm) of the region (and wholly beyond a 20 mm window);
+    #: what stays above the high threshold further out is peeled from its own brightest voxel. A
+    #: lesion abutting a brighter vessel often has no maximum of its own and would otherwise leave
+    #: with the vessel's flank. 0 = the whole basins go (as before; the shipped classifier was
+    #: trained on those candidates), see docs/evaluation.md
+    peel_flank_mm: float = 3.0
     #: minimum enhancement of a lesion's peak over normal-appearing white matter, percent
     min_peak_enhancement_pct: float = 15.0
     #: minimum mean enhancement of a candidate above its 2 mm surroundings, percent

@@ -232,6 +232,39 @@ def test_a_lesion_touching_a_brighter_vessel_keeps_its_own_extent(vessel_blur):
     assert len(own) == 1 and (own[0] & ~lesion).sum() < 0.3 * own[0].sum()
 
 
+@pytest.mark.parametrize("amplitude", [30.0, 50.0])
+def test_a_lesion_without_a_peak_of_its_own_beside_a_vessel_is_peeled_with_peel_flank_mm(amplitude):
+    """A lesion abutting a much brighter vessel climbs towards it (no maximum of its own), so its
+    voxels are in the vessel's basin: the whole basin goes with the vessel by default, only the
+    vessel's near flank with ``flank_mm``, and the rest of the lesion is a region of its own."""
+    from scipy import ndimage as ndi
+
+    from lesionpipe.lesions.detect import _peel
+
+    g = np.indices((40, 30, 30)).transpose(1, 2, 3, 0) + 0.5
+    vessel = np.linalg.norm(g[..., 1:] - [15.0, 15.0], axis=-1) <= 1.2
+    lesion = _ball(g, (20.0, 15.0, 19.2), 3.0)
+    enh = (ndi.gaussian_filter(np.where(vessel, 300.0, 0.0), 1.0)
+           + ndi.gaussian_filter(np.where(lesion, amplitude, 0.0), 0.8)).astype(np.float32)
+    conn = np.ones((3, 3, 3), bool)
+    comp = ndi.label(enh > 6.0, structure=conn)[0] == 1
+
+    def on_lesion(flank_mm):
+        out = []
+        for start, region, _ in _peel(comp, enh, lo=6.0, hi=10.0, conn=conn, zooms=(1, 1, 1),
+                                      dynamic=3.0, flank_mm=flank_mm):
+            full = np.zeros(comp.shape, bool)
+            full[tuple(slice(a, a + s) for a, s in zip(start, region.shape))] = region
+            if (full & lesion).sum() > 0.3 * lesion.sum():
+                out.append(full)
+        return out
+
+    assert on_lesion(0.0) == []
+    own = on_lesion(2.0)
+    assert len(own) == 1 and (own[0] & lesion).sum() > 0.7 * lesion.sum()
+    assert not (own[0] & vessel).any() and (own[0] & ~lesion).sum() < 0.1 * own[0].sum()
+
+
 def test_thick_slice_grids_have_their_own_threshold():
     """The thick-slice threshold acts on thick grids only, and sets the high threshold as stated."""
     kw = dict(classifier="none", min_peak_enhancement_pct=1.0, thick_slice_z=3.0)

@@ -146,7 +146,8 @@ def detect_lesions(post_n: np.ndarray, zooms, brain: np.ndarray, settings: Setti
                   for start, region, attached in _peel(comp, enh_s[comp_sl], lo=lo, hi=hi,
                                                        conn=conn, zooms=zooms,
                                                        dynamic=2.0 * sigma,
-                                                       recover_flanks=settings.recover_flanks)
+                                                       recover_flanks=settings.recover_flanks,
+                                                       flank_mm=settings.peel_flank_mm)
                   for piece, how in _split_tubes(region, zooms, settings))
         for piece, how, offset, attached in pieces:
             # work in the piece's own box: a lesion peeled off a long vessel is small
@@ -210,7 +211,8 @@ def detect_lesions(post_n: np.ndarray, zooms, brain: np.ndarray, settings: Setti
 
 
 def _peel(comp: np.ndarray, enh_s: np.ndarray, *, lo: float, hi: float, conn: np.ndarray,
-          zooms, dynamic: float, window_mm: float = 20.0, recover_flanks: bool = False):
+          zooms, dynamic: float, window_mm: float = 20.0, recover_flanks: bool = False,
+          flank_mm: float = 0.0):
     """Split a hysteresis component into regions, each at half of its own peak.
 
     Yields ``(offset, region, attached)``: a boolean region in a window of the component's box,
@@ -227,6 +229,12 @@ def _peel(comp: np.ndarray, enh_s: np.ndarray, *, lo: float, hi: float, conn: np
     climbs to the vessel); a ring is one region (its rim is one plateau); smoothing does not
     inflate small lesions, as the extent is a half-maximum. The window keeps the cost linear in
     the number of peaks for large enhancing networks (a vessel tree, the dura).
+
+    With ``flank_mm > 0`` only the part of those basins within ``flank_mm`` of the region (and
+    beyond the window) goes with it: a lesion abutting a brighter vessel often has no maximum of
+    its own (its values climb towards the vessel) and would go with the vessel's flank. What is
+    left above ``hi`` once every peak has been visited is peeled again from its own brightest
+    voxel, one region per connected part.
     """
     from skimage.segmentation import watershed
 
@@ -256,30 +264,53 @@ def _peel(comp: np.ndarray, enh_s: np.ndarray, *, lo: float, hi: float, conn: np
     taken = np.zeros(comp.shape, bool)
     large = np.zeros(comp.shape, bool)
     half = np.ceil(window_mm / np.asarray(zooms, float)).astype(int)
-    for g in order:
-        p = peaks_at[best[g] - 1]
-        if not remaining[tuple(p)]:
-            continue
+
+    def take(p):
         start = np.maximum(p - half, 0)
         stop = np.minimum(p + half + 1, comp.shape)
         sl = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
-        peak = float(vals[tuple(p)])
-        level = max(lo, 0.5 * peak)
+        level = max(lo, 0.5 * float(vals[tuple(p)]))
         lab, _ = ndi.label(remaining[sl] & (enh_s[sl] >= level), structure=conn)
         region = lab == lab[tuple(p - start)]
         grown = ndi.binary_dilation(region, structure=conn)
         attached = _touches_cut(region, start, stop, comp.shape) or bool((large[sl] & grown).any())
         if attached:
             large[sl] |= grown
-        yield start, region, attached
         remaining[sl] &= ~grown
         taken[sl] |= grown
+        return sl, start, region, attached
+
+    for g in order:
+        p = peaks_at[best[g] - 1]
+        if not remaining[tuple(p)]:
+            continue
+        sl, start, region, attached = take(p)
+        yield start, region, attached
         # the flanks of every peak this region holds go with it
+        near = dilate(region, flank_mm, zooms) if flank_mm > 0 else None
         for h in np.unique(peak_of[sl][region]):
             if h == 0:
                 continue
             box = gboxes[h - 1]
+            if near is None:
+                remaining[box] &= glab[box] != h
+                continue
+            keep = remaining[sl].copy()
             remaining[box] &= glab[box] != h
+            remaining[sl] = keep & ~(near & (glab[sl] == h))
+    if flank_mm > 0:
+        left, k = ndi.label(remaining & (vals >= hi), structure=conn)
+        for j, box in enumerate(ndi.find_objects(left), start=1):
+            if box is None:
+                continue
+            part = left[box] == j
+            p = np.unravel_index(int(np.argmax(np.where(part, vals[box], -np.inf))), part.shape)
+            p = np.array(p) + [b.start for b in box]
+            if not remaining[tuple(p)]:
+                continue
+            _, start, region, attached = take(p)
+            yield start, region, attached
+            remaining[box] &= ~part
     if recover_flanks:
         yield from _orphaned_flanks(comp & ~taken, enh_s, hi=hi, conn=conn, zooms=zooms)
 
