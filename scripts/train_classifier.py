@@ -13,9 +13,10 @@ A seed may carry the dataset's lesion activity, share of post-only visits and sh
 lesions placed juxtacortically, ``SEED[:ACTIVITY[:P[:JUXTACORTICAL]]]`` (see ``lesionpipe phantoms
 --activity --juxtacortical``). The shipped model was trained on
 8 subjects x weeks 0/4/12 of each of ``--seeds 301 302:4 303:4:0.6 304:4:0.8`` (96 visits, 357
-lesion candidates, 19707 mimics), with candidates peeled as before ``peel_flank_mm``
-(``--peel-flank-mm 0``, the default here); retrained on 3 mm candidates it did no better on two
-fresh seeds (docs/evaluation.md), so the detector peels with 3 mm and the model is unchanged.
+lesion candidates, 19707 mimics), on candidates peeled with whole basins (``--peel-flank-mm 0``,
+the default here). Retrained on 3 mm candidates it was mixed with a pre-contrast scan and worse
+without on two fresh seeds (docs/evaluation.md), so the detector peels with 3 mm
+(``Settings.peel_flank_mm``) and the model is unchanged.
 
 A candidate is labelled a lesion when at least 30 % of its voxels lie on counted truth lesions,
 a mimic when none do; candidates touching only uncounted (sub-threshold) truth lesions or

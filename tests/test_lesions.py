@@ -204,13 +204,25 @@ def test_boosted_trees_learn_exports_and_reload(tmp_path):
     assert fewer.probability(test.drop(columns=["parent_ratio", "shell_wm"])).shape == (500,)
 
 
+def _peeled(comp, enh, conn, **kw):
+    """Regions ``_peel`` yields (lo 6, hi 10, 1 mm grid), each as a full-size mask."""
+    from lesionpipe.lesions.detect import _peel
+
+    out = []
+    for start, region, _ in _peel(comp, enh, lo=6.0, hi=10.0, conn=conn, zooms=(1, 1, 1), **kw):
+        full = np.zeros(comp.shape, bool)
+        full[tuple(slice(a, a + s) for a, s in zip(start, region.shape))] = region
+        out.append(full)
+    return out
+
+
 @pytest.mark.parametrize("vessel_blur", [0.5, 1.0])
 def test_a_lesion_touching_a_brighter_vessel_keeps_its_own_extent(vessel_blur):
     """The vessel's centre line and flank are cut out before the peaks are split: the lesion is
     one region of its own, not a bump on the vessel's half-maximum region."""
     from scipy import ndimage as ndi
 
-    from lesionpipe.lesions.detect import _peel, tube_centrelines
+    from lesionpipe.lesions.detect import tube_centrelines
     from lesionpipe.preproc.morph import dilate
 
     g = np.indices((40, 30, 30)).transpose(1, 2, 3, 0) + 0.5
@@ -222,12 +234,7 @@ def test_a_lesion_touching_a_brighter_vessel_keeps_its_own_extent(vessel_blur):
     comp = ndi.label(enh > 6.0, structure=conn)[0] == 1
     cut = dilate(tube_centrelines(enh, comp, (1, 1, 1)), 1.0, (1, 1, 1)) & comp
     assert not (cut & lesion).any() and (cut & vessel).sum() > 0.9 * vessel.sum()
-    regions = []
-    for start, region, _ in _peel(comp & ~cut, enh, lo=6.0, hi=10.0, conn=conn, zooms=(1, 1, 1),
-                                  dynamic=3.0):
-        full = np.zeros(comp.shape, bool)
-        full[tuple(slice(a, a + s) for a, s in zip(start, region.shape))] = region
-        regions.append(full)
+    regions = _peeled(comp & ~cut, enh, conn, dynamic=3.0)
     own = [r for r in regions if (r & lesion).sum() > 0.5 * lesion.sum()]
     assert len(own) == 1 and (own[0] & ~lesion).sum() < 0.3 * own[0].sum()
 
@@ -239,8 +246,6 @@ def test_a_lesion_without_a_peak_of_its_own_beside_a_vessel_is_peeled_with_peel_
     vessel's near flank with ``flank_mm``, and the rest of the lesion is a region of its own."""
     from scipy import ndimage as ndi
 
-    from lesionpipe.lesions.detect import _peel
-
     g = np.indices((40, 30, 30)).transpose(1, 2, 3, 0) + 0.5
     vessel = np.linalg.norm(g[..., 1:] - [15.0, 15.0], axis=-1) <= 1.2
     lesion = _ball(g, (20.0, 15.0, 19.2), 3.0)
@@ -250,14 +255,8 @@ def test_a_lesion_without_a_peak_of_its_own_beside_a_vessel_is_peeled_with_peel_
     comp = ndi.label(enh > 6.0, structure=conn)[0] == 1
 
     def on_lesion(flank_mm):
-        out = []
-        for start, region, _ in _peel(comp, enh, lo=6.0, hi=10.0, conn=conn, zooms=(1, 1, 1),
-                                      dynamic=3.0, flank_mm=flank_mm):
-            full = np.zeros(comp.shape, bool)
-            full[tuple(slice(a, a + s) for a, s in zip(start, region.shape))] = region
-            if (full & lesion).sum() > 0.3 * lesion.sum():
-                out.append(full)
-        return out
+        return [r for r in _peeled(comp, enh, conn, dynamic=3.0, flank_mm=flank_mm)
+                if (r & lesion).sum() > 0.3 * lesion.sum()]
 
     assert on_lesion(0.0) == []
     own = on_lesion(2.0)

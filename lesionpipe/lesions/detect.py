@@ -286,20 +286,17 @@ def _peel(comp: np.ndarray, enh_s: np.ndarray, *, lo: float, hi: float, conn: np
             continue
         sl, start, region, attached = take(p)
         yield start, region, attached
-        # the flanks of every peak this region holds go with it
-        near = dilate(region, flank_mm, zooms) if flank_mm > 0 else None
-        for h in np.unique(peak_of[sl][region]):
-            if h == 0:
-                continue
+        # the flanks of every peak this region holds go with it (with flank_mm: only the near
+        # flank inside the window)
+        held = [int(h) for h in np.unique(peak_of[sl][region]) if h]
+        keep = remaining[sl].copy() if flank_mm > 0 else None
+        for h in held:
             box = gboxes[h - 1]
-            if near is None:
-                remaining[box] &= glab[box] != h
-                continue
-            keep = remaining[sl].copy()
             remaining[box] &= glab[box] != h
-            remaining[sl] = keep & ~(near & (glab[sl] == h))
+        if keep is not None:
+            remaining[sl] = keep & ~(dilate(region, flank_mm, zooms) & np.isin(glab[sl], held))
     if flank_mm > 0:
-        left, k = ndi.label(remaining & (vals >= hi), structure=conn)
+        left, _ = ndi.label(remaining & (vals >= hi), structure=conn)
         for j, box in enumerate(ndi.find_objects(left), start=1):
             if box is None:
                 continue
