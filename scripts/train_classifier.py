@@ -134,6 +134,9 @@ def main() -> int:
     ap.add_argument("--l2", type=float, default=1.0, help="logistic only")
     ap.add_argument("--n-trees", type=int, default=300, help="trees only")
     ap.add_argument("--depth", type=int, default=3, help="trees only: depth of each tree")
+    ap.add_argument("--monotone", action="store_true",
+                    help="trees only: constrain each feature to its physical direction "
+                         "(lesionpipe.lesions.classifier.MONOTONE)")
     ap.add_argument("--drop-features", nargs="*", default=[], metavar="NAME",
                     help="features the model does not read (see lesionpipe.lesions.classifier)")
     ap.add_argument("--folds", type=int, default=5, help="subject-grouped cross-validation folds")
@@ -150,7 +153,7 @@ def main() -> int:
     def fit(table, labels, info=None):
         if args.kind == "trees":
             return train_trees(table, labels, n_trees=args.n_trees, depth=args.depth, info=info,
-                               names=names)
+                               names=names, monotone=args.monotone)
         return train(table, labels, l2=args.l2, info=info, names=names)
 
     if args.reuse:

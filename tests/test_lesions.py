@@ -204,6 +204,28 @@ def test_boosted_trees_learn_exports_and_reload(tmp_path):
     assert fewer.probability(test.drop(columns=["parent_ratio", "shell_wm"])).shape == (500,)
 
 
+def test_monotone_trees_follow_their_directions_whatever_the_data_say(tmp_path):
+    pytest.importorskip("sklearn")
+    from lesionpipe.lesions.classifier import MONOTONE, TreeModel, load_model, train_trees
+
+    table, y = _synthetic_candidates(1500, 0)
+    # a training-set accident: elongated candidates happen to be lesions more often
+    y = np.where(table["elongation"] > 3.5, 1, y)
+    model = train_trees(table, y, n_trees=60, monotone=True)
+    assert model.info["monotone"]["log_elongation"] == MONOTONE["log_elongation"] == -1
+    probe = pd.concat([table.iloc[[0]]] * 30, ignore_index=True)
+    probe["elongation"] = np.linspace(1.0, 4.0, 30)
+    p = model.probability(probe)
+    assert (np.diff(p) <= 1e-12).all()
+    free = train_trees(table, y, n_trees=60)
+    assert np.diff(free.probability(probe)).max() > 0.01    # unconstrained, it learns the accident
+    path = tmp_path / "mono.json"
+    model.to_json(path)
+    again = load_model(path)
+    assert isinstance(again, TreeModel) and again.dtype == "float64"
+    np.testing.assert_allclose(again.probability(table), model.probability(table), atol=1e-9)
+
+
 def _peeled(comp, enh, conn, **kw):
     """Regions ``_peel`` yields (lo 6, hi 10, 1 mm grid), each as a full-size mask."""
     from lesionpipe.lesions.detect import _peel

@@ -37,6 +37,8 @@ FEATURES = {
     "log_flatness": lambda d: np.log(d["flatness"].clip(lower=1.0)),
     "log_tubularity": lambda d: np.log(d["tubularity"].clip(lower=0.1)),
     "blobness": lambda d: d["blobness"],
+    # blobness at the scale of the candidate's equivalent radius (rings are blobs at that scale)
+    "blobness_sized": lambda d: d["blobness_sized"] if "blobness_sized" in d else d["blobness"],
     "log_parent_ratio": lambda d: np.log(d["parent_ratio"].clip(lower=1.0)),
     "depth_mm": lambda d: d["depth_mm"].clip(upper=20.0),
     "shell_csf": lambda d: d["shell_csf"],
@@ -52,7 +54,26 @@ FEATURES = {
     # mean level of the candidate and of its shell on the reference image (pre, or post alone)
     "ref_mean": lambda d: d["ref_mean"].clip(0.0, 250.0),
     "shell_ref_mean": lambda d: d["shell_ref_mean"].clip(0.0, 250.0),
+    # how much thicker the candidate is than the rest of the enhancing structure it belongs to
+    # (in its surroundings): ~1 for a piece of a vessel, > 1 for a lesion on a vessel; 4 alone
+    "thickness_vs_rest": lambda d: (d["thickness_mm"] / d["rest_thickness_mm"].where(
+        d["rest_thickness_mm"] > 0)).fillna(4.0).clip(upper=4.0)
+    if "rest_thickness_mm" in d else np.full(len(d), 4.0),
     "attached": lambda d: d["attached"].astype(float) if "attached" in d else np.zeros(len(d)),
+}
+
+
+#: the direction each feature may move a candidate's probability, whatever the training data
+#: say (+1: more of it is more lesion-like, -1: less, absent: free). Vessels are long, thin and
+#: part of a larger enhancing tree; choroid plexus sits in the ventricles; dura, sinus and cortical
+#: veins at or outside the surface, in CSF; a lesion is a compact blob in white matter that is not
+#: dark before contrast. Constraining the boosted trees to these directions keeps the model from
+#: learning a phantom's accidents (a step in the probability that no anatomy explains).
+MONOTONE = {
+    "log_elongation": -1, "log_flatness": -1, "log_tubularity": -1, "blobness": +1, "blobness_sized": +1,
+    "log_parent_ratio": -1, "shell_csf": -1, "shell_outside": -1, "ventricle_frac": -1,
+    "shell_wm": +1, "pre_level": +1, "thickness_mm": +1, "attached": -1,
+    "thickness_vs_rest": +1,
 }
 
 
@@ -125,6 +146,9 @@ class TreeModel:
     rate: float
     trees: list
     info: dict
+    #: precision of the feature comparisons: scikit-learn's GradientBoostingClassifier compares
+    #: float32 features, its HistGradientBoostingClassifier float64
+    dtype: str = "float32"
 
     def __post_init__(self):
         self._arrays = [tuple(np.asarray(t[k]) for k in
@@ -132,8 +156,8 @@ class TreeModel:
                         for t in self.trees]
 
     def log_odds(self, x: np.ndarray) -> np.ndarray:
-        # scikit-learn compares float32 features with its thresholds: do the same
-        x = np.asarray(x, np.float32)
+        # compare at the precision the trees were trained with
+        x = np.asarray(x, self.dtype)
         out = np.full(len(x), float(self.init))
         rows = np.arange(len(x))
         for feature, threshold, left, right, value in self._arrays:
@@ -157,42 +181,69 @@ class TreeModel:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps({
             "kind": "trees", "features": list(self.names), "init": self.init, "rate": self.rate,
-            "info": self.info, "trees": self.trees}, separators=(",", ":")) + "\n")
+            "dtype": self.dtype, "info": self.info, "trees": self.trees},
+            separators=(",", ":")) + "\n")
 
     @classmethod
     def from_json(cls, path: str | Path) -> "TreeModel":
         data = json.loads(Path(path).read_text())
         _check_features(data["features"], path)
         return cls(names=tuple(data["features"]), init=float(data["init"]),
-                   rate=float(data["rate"]), trees=data["trees"], info=data.get("info", {}))
+                   rate=float(data["rate"]), trees=data["trees"], info=data.get("info", {}),
+                   dtype=data.get("dtype", "float32"))
 
 
 def train_trees(table: pd.DataFrame, labels: np.ndarray, *, n_trees: int = 300, depth: int = 3,
-                rate: float = 0.05, min_leaf: int = 20, seed: int = 0,
+                rate: float = 0.05, min_leaf: int = 20, seed: int = 0, monotone: bool = False,
                 info: dict | None = None, names=None) -> TreeModel:
     """Fit the boosted trees with scikit-learn (needed for training only) and export them.
 
-    ``names``: the features to read (default: all of :data:`FEATURES`).
+    ``names``: the features to read (default: all of :data:`FEATURES`). ``monotone``: constrain
+    each feature of :data:`MONOTONE` to its direction (scikit-learn's histogram boosting, which
+    supports the constraints; the plain boosting otherwise).
     """
-    from sklearn.ensemble import GradientBoostingClassifier
-
     names = feature_names(names)
     x = feature_matrix(table, names)
     y = np.asarray(labels, int)
-    clf = GradientBoostingClassifier(n_estimators=n_trees, max_depth=depth, learning_rate=rate,
-                                     min_samples_leaf=min_leaf, subsample=0.8, random_state=seed)
-    clf.fit(x, y)
-    prior = float(np.clip(y.mean(), 1e-6, 1 - 1e-6))
-    trees = []
-    for est in clf.estimators_[:, 0]:
-        t = est.tree_
-        trees.append({"feature": t.feature.tolist(),
-                      "threshold": [float(v) for v in t.threshold],
-                      "left": t.children_left.tolist(), "right": t.children_right.tolist(),
-                      "value": [round(float(v), 6) for v in t.value[:, 0, 0]]})
-    model = TreeModel(names=names, init=float(np.log(prior / (1 - prior))), rate=rate,
-                      trees=trees, info={**(info or {}), "n_trees": n_trees, "depth": depth,
-                                         "min_leaf": min_leaf})
+    meta = {**(info or {}), "n_trees": n_trees, "depth": depth, "min_leaf": min_leaf}
+    if monotone:
+        from sklearn.ensemble import HistGradientBoostingClassifier
+
+        cst = [MONOTONE.get(n, 0) for n in names]
+        clf = HistGradientBoostingClassifier(max_iter=n_trees, max_depth=depth, learning_rate=rate,
+                                             min_samples_leaf=min_leaf, early_stopping=False,
+                                             l2_regularization=1.0, monotonic_cst=cst,
+                                             random_state=seed)
+        clf.fit(x, y)
+        trees = []
+        for (pred,) in clf._predictors:
+            nodes = pred.nodes
+            leaf = nodes["is_leaf"].astype(bool)
+            trees.append({"feature": np.where(leaf, -2, nodes["feature_idx"]).tolist(),
+                          "threshold": [float(v) for v in nodes["num_threshold"]],
+                          "left": np.where(leaf, -1, nodes["left"]).tolist(),
+                          "right": np.where(leaf, -1, nodes["right"]).tolist(),
+                          "value": [float(v) for v in nodes["value"]]})
+        model = TreeModel(names=names, init=float(np.ravel(clf._baseline_prediction)[0]),
+                          rate=1.0, trees=trees, dtype="float64",
+                          info={**meta, "monotone": {n: c for n, c in zip(names, cst) if c}})
+    else:
+        from sklearn.ensemble import GradientBoostingClassifier
+
+        clf = GradientBoostingClassifier(n_estimators=n_trees, max_depth=depth,
+                                         learning_rate=rate, min_samples_leaf=min_leaf,
+                                         subsample=0.8, random_state=seed)
+        clf.fit(x, y)
+        prior = float(np.clip(y.mean(), 1e-6, 1 - 1e-6))
+        trees = []
+        for est in clf.estimators_[:, 0]:
+            t = est.tree_
+            trees.append({"feature": t.feature.tolist(),
+                          "threshold": [float(v) for v in t.threshold],
+                          "left": t.children_left.tolist(), "right": t.children_right.tolist(),
+                          "value": [round(float(v), 6) for v in t.value[:, 0, 0]]})
+        model = TreeModel(names=names, init=float(np.log(prior / (1 - prior))), rate=rate,
+                          trees=trees, info=meta)
     # the exported model must reproduce scikit-learn's own decision function
     ref = clf.decision_function(x[:200])
     if not np.allclose(model.log_odds(x[:200]), ref, atol=1e-3):
