@@ -37,8 +37,6 @@ FEATURES = {
     "log_flatness": lambda d: np.log(d["flatness"].clip(lower=1.0)),
     "log_tubularity": lambda d: np.log(d["tubularity"].clip(lower=0.1)),
     "blobness": lambda d: d["blobness"],
-    # blobness at the scale of the candidate's equivalent radius (rings are blobs at that scale)
-    "blobness_sized": lambda d: d["blobness_sized"] if "blobness_sized" in d else d["blobness"],
     "log_parent_ratio": lambda d: np.log(d["parent_ratio"].clip(lower=1.0)),
     "depth_mm": lambda d: d["depth_mm"].clip(upper=20.0),
     "shell_csf": lambda d: d["shell_csf"],
@@ -54,11 +52,6 @@ FEATURES = {
     # mean level of the candidate and of its shell on the reference image (pre, or post alone)
     "ref_mean": lambda d: d["ref_mean"].clip(0.0, 250.0),
     "shell_ref_mean": lambda d: d["shell_ref_mean"].clip(0.0, 250.0),
-    # how much thicker the candidate is than the rest of the enhancing structure it belongs to
-    # (in its surroundings): ~1 for a piece of a vessel, > 1 for a lesion on a vessel; 4 alone
-    "thickness_vs_rest": lambda d: (d["thickness_mm"] / d["rest_thickness_mm"].where(
-        d["rest_thickness_mm"] > 0)).fillna(4.0).clip(upper=4.0)
-    if "rest_thickness_mm" in d else np.full(len(d), 4.0),
     "attached": lambda d: d["attached"].astype(float) if "attached" in d else np.zeros(len(d)),
 }
 
@@ -70,10 +63,9 @@ FEATURES = {
 #: dark before contrast. Constraining the boosted trees to these directions keeps the model from
 #: learning a phantom's accidents (a step in the probability that no anatomy explains).
 MONOTONE = {
-    "log_elongation": -1, "log_flatness": -1, "log_tubularity": -1, "blobness": +1, "blobness_sized": +1,
+    "log_elongation": -1, "log_flatness": -1, "log_tubularity": -1, "blobness": +1,
     "log_parent_ratio": -1, "shell_csf": -1, "shell_outside": -1, "ventricle_frac": -1,
     "shell_wm": +1, "pre_level": +1, "thickness_mm": +1, "attached": -1,
-    "thickness_vs_rest": +1,
 }
 
 

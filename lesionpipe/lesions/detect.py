@@ -168,9 +168,6 @@ def detect_lesions(post_n: np.ndarray, zooms, brain: np.ndarray, settings: Setti
                 # a piece of a larger enhancing structure (vessel tree, plexus) vs on its own
                 feats["parent_ratio"] = comp_n / max(feats["n_voxels"], 1)
                 feats["attached"] = float(attached)
-                # a lesion on a vessel is thicker than the vessel; a vessel piece is not thicker
-                # than the rest of its tree
-                feats["rest_thickness_mm"] = _rest_thickness(lab[sl] == idx, piece, zooms)
                 reason = _hard_reject(feats, settings) if model else _reject_reason(feats, settings)
             feats["split"] = how
             feats["reason"] = reason
@@ -429,23 +426,6 @@ def _relabel_connected(labels: np.ndarray, conn: np.ndarray) -> np.ndarray:
     return remap[lab]
 
 
-def _rest_thickness(parent: np.ndarray, piece: np.ndarray, zooms) -> float:
-    """Inscribed-ball diameter (mm) of what else of the enhancing structure ``parent`` lies in
-    the candidate's box (its surroundings), 0 when the candidate stands alone.
-
-    >>> blob = np.linalg.norm(np.indices((15, 15, 15)) - 7, axis=0) <= 3.2
-    >>> rod = np.zeros(blob.shape, bool); rod[7, 7, :] = True
-    >>> _rest_thickness(blob | rod, blob, (1, 1, 1)) < 3 < thickness_tubularity(blob, (1, 1, 1))[0]
-    True
-    >>> _rest_thickness(blob, blob, (1, 1, 1))
-    0.0
-    """
-    rest = parent & ~ndi.binary_dilation(piece)
-    if not rest.any():
-        return 0.0
-    return thickness_tubularity(rest, zooms)[0]
-
-
 def _split_tubes(comp: np.ndarray, zooms, settings: Settings):
     """Yield ``(piece, how)``: the component itself, or its blob cores when thin tubes attach.
 
@@ -590,13 +570,6 @@ def _shape_context_features(piece, sl, enh, csf, ventricles, brain, ref, zooms) 
     axes = principal_axes_mm(coords, zooms)
     thick, tub = thickness_tubularity(piece, zooms)
     blob = blobness(enh[sl], piece, zooms)
-    # the same at the candidate's own scale: a ring's rim is a curved ridge at 1 mm, but the
-    # ring as a whole is a blob at the scale of its radius, with its maximum near the centre
-    r_eq = (3.0 * n * float(np.prod(zooms)) / (4.0 * np.pi)) ** (1.0 / 3.0)
-    centre = np.zeros(piece.shape, bool)
-    centre[tuple(np.round(coords.mean(axis=0)).astype(int))] = True
-    near = ndi.binary_fill_holes(piece) | dilate(centre, 0.5 * r_eq, zooms)
-    blob_sized = max(blob, blobness(enh[sl], near, zooms, sigma_mm=max(1.2, r_eq)))
     shell = ndi.binary_dilation(piece, structure=ball(2.0, zooms)) & ~piece
     shell_n = max(int(shell.sum()), 1)
     shell_ref = ref[sl][shell]
@@ -608,7 +581,6 @@ def _shape_context_features(piece, sl, enh, csf, ventricles, brain, ref, zooms) 
         "thickness_mm": thick,
         "tubularity": tub,
         "blobness": blob,
-        "blobness_sized": blob_sized,
         "shell_csf": float((csf[sl] & shell).sum() / shell_n),
         "shell_outside": float((~brain[sl] & shell).sum() / shell_n),
         "ventricle_frac": float((ventricles[sl] & piece).sum() / max(n, 1)),
