@@ -7,9 +7,10 @@ combinations (a bright candidate is suspect on a post-only scan, not after subtr
 kinds read the same physically meaningful features (mm, %, unit-free ratios; never intensities in
 scanner units or positions in the image):
 
-- ``logistic``: an L2-penalised logistic model (the kind shipped now);
-- ``trees``: gradient-boosted shallow decision trees, trained with scikit-learn by
-  ``scripts/train_classifier.py`` and evaluated here with numpy alone.
+- ``logistic``: an L2-penalised logistic model;
+- ``trees``: gradient-boosted shallow decision trees (the kind shipped now), trained with
+  scikit-learn by ``scripts/train_classifier.py`` and evaluated here with numpy alone;
+  ``--monotone`` holds each feature of :data:`MONOTONE` to its physical direction.
 
 A model file names the features it reads, so a model trained on fewer features still loads.
 
