@@ -206,42 +206,43 @@ def train_trees(table: pd.DataFrame, labels: np.ndarray, *, n_trees: int = 300, 
         clf = HistGradientBoostingClassifier(max_iter=n_trees, max_depth=depth, learning_rate=rate,
                                              min_samples_leaf=min_leaf, early_stopping=False,
                                              l2_regularization=1.0, monotonic_cst=cst,
-                                             random_state=seed)
-        clf.fit(x, y)
-        trees = []
-        for (pred,) in clf._predictors:
-            nodes = pred.nodes
-            leaf = nodes["is_leaf"].astype(bool)
-            trees.append({"feature": np.where(leaf, -2, nodes["feature_idx"]).tolist(),
-                          "threshold": [float(v) for v in nodes["num_threshold"]],
-                          "left": np.where(leaf, -1, nodes["left"]).tolist(),
-                          "right": np.where(leaf, -1, nodes["right"]).tolist(),
-                          "value": [float(v) for v in nodes["value"]]})
-        model = TreeModel(names=names, init=float(np.ravel(clf._baseline_prediction)[0]),
-                          rate=1.0, trees=trees, dtype="float64",
-                          info={**meta, "monotone": {n: c for n, c in zip(names, cst) if c}})
+                                             random_state=seed).fit(x, y)
+        # leaf values already carry the learning rate; features compared as float64
+        trees = [_hist_tree(pred.nodes) for (pred,) in clf._predictors]
+        init, rate_out, dtype = float(np.ravel(clf._baseline_prediction)[0]), 1.0, "float64"
+        meta["monotone"] = {n: c for n, c in zip(names, cst) if c}
     else:
         from sklearn.ensemble import GradientBoostingClassifier
 
         clf = GradientBoostingClassifier(n_estimators=n_trees, max_depth=depth,
                                          learning_rate=rate, min_samples_leaf=min_leaf,
-                                         subsample=0.8, random_state=seed)
-        clf.fit(x, y)
+                                         subsample=0.8, random_state=seed).fit(x, y)
+        trees = [_plain_tree(est.tree_) for est in clf.estimators_[:, 0]]
         prior = float(np.clip(y.mean(), 1e-6, 1 - 1e-6))
-        trees = []
-        for est in clf.estimators_[:, 0]:
-            t = est.tree_
-            trees.append({"feature": t.feature.tolist(),
-                          "threshold": [float(v) for v in t.threshold],
-                          "left": t.children_left.tolist(), "right": t.children_right.tolist(),
-                          "value": [round(float(v), 6) for v in t.value[:, 0, 0]]})
-        model = TreeModel(names=names, init=float(np.log(prior / (1 - prior))), rate=rate,
-                          trees=trees, info=meta)
+        init, rate_out, dtype = float(np.log(prior / (1 - prior))), rate, "float32"
+    model = TreeModel(names=names, init=init, rate=rate_out, trees=trees, info=meta, dtype=dtype)
     # the exported model must reproduce scikit-learn's own decision function
     ref = clf.decision_function(x[:200])
     if not np.allclose(model.log_odds(x[:200]), ref, atol=1e-3):
         raise RuntimeError("exported trees disagree with scikit-learn's decision function")
     return model
+
+
+def _plain_tree(t) -> dict:
+    """One scikit-learn ``Tree`` (GradientBoostingClassifier) in :class:`TreeModel`'s layout."""
+    return {"feature": t.feature.tolist(), "threshold": [float(v) for v in t.threshold],
+            "left": t.children_left.tolist(), "right": t.children_right.tolist(),
+            "value": [round(float(v), 6) for v in t.value[:, 0, 0]]}
+
+
+def _hist_tree(nodes) -> dict:
+    """One HistGradientBoostingClassifier predictor's node array in the same layout."""
+    leaf = nodes["is_leaf"].astype(bool)
+    return {"feature": np.where(leaf, -2, nodes["feature_idx"]).tolist(),
+            "threshold": [float(v) for v in nodes["num_threshold"]],
+            "left": np.where(leaf, -1, nodes["left"]).tolist(),
+            "right": np.where(leaf, -1, nodes["right"]).tolist(),
+            "value": [float(v) for v in nodes["value"]]}
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, *, l2: float = 1.0, weight_positive: float = 1.0,
