@@ -176,6 +176,14 @@ def _add_phantoms(sub) -> None:
                         "e.g. 4 for lesion-rich training or evaluation data)")
     p.add_argument("--juxtacortical", type=float, default=0.25,
                    help="share of new lesions placed at the grey-white junction (0-1)")
+    p.add_argument("--real-anatomy", type=Path, default=None, metavar="SCANS_DIR",
+                   help="draw the trial on a real brain instead of geometric anatomy: a folder with "
+                        "T1POST_mni, T1_mni and T2_lesions_consensus_mni (e.g. "
+                        "../shared/real_scans/open_ms_patient07); a synthetic head is wrapped around it "
+                        "and each visit gets its own inserted lesions and acquisition "
+                        "(docs/real_scan_evaluation.md)")
+    p.add_argument("--mean-lesions", type=float, default=3.0,
+                   help="with --real-anatomy: mean number of enhancing lesions per visit")
     p.set_defaults(func=_cmd_phantoms)
 
 
@@ -191,9 +199,24 @@ def _cmd_phantoms(args) -> int:
         raise UsageError("--activity must be positive")
     if not 0.0 <= args.juxtacortical <= 1.0:
         raise UsageError("--juxtacortical must be between 0 and 1")
-    write_dataset(args.out_dir, truth, n_subjects=args.subjects, weeks=tuple(args.weeks),
-                  seed=args.seed, stress=args.stress, size=args.size, activity=args.activity,
-                  juxtacortical=args.juxtacortical, progress=LOG.info)
+    if args.real_anatomy is not None:
+        from lesionpipe.realtrial import write_real_trial
+
+        if args.stress or args.size != "full":
+            raise UsageError("--real-anatomy draws full-size scans of one real brain; "
+                             "--stress and --size do not apply")
+        if not args.mean_lesions >= 0:
+            raise UsageError("--mean-lesions must be >= 0")
+        try:
+            write_real_trial(args.real_anatomy, args.out_dir, truth, n_subjects=args.subjects,
+                             weeks=tuple(args.weeks), seed=args.seed, mean_lesions=args.mean_lesions,
+                             progress=LOG.info)
+        except FileNotFoundError as exc:
+            raise UsageError(str(exc)) from None
+    else:
+        write_dataset(args.out_dir, truth, n_subjects=args.subjects, weeks=tuple(args.weeks),
+                      seed=args.seed, stress=args.stress, size=args.size, activity=args.activity,
+                      juxtacortical=args.juxtacortical, progress=LOG.info)
     print(f"dataset: {args.out_dir}\ntruth:   {truth}")
     return 0
 

@@ -1253,6 +1253,79 @@ def _rot_deg(r: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip((np.trace(r) - 1) / 2, -1, 1))))
 
 
+def draw_visit_design(rng, ov: dict, *, size: str, stress: bool, storage, gain_range, p_post_only: float,
+                      p_2d: float) -> tuple[Acquisition, Acquisition | None]:
+    """Post and (or None) pre acquisitions of one visit: grids, head poses, noise, gain, storage.
+
+    ``ov`` may force ``has_pre``, ``grid``, ``pre_grid``, ``thickness`` and ``pre_thickness``
+    (see :func:`write_dataset`). The head moves between visits and between pre and post; most
+    visits acquire pre and post on the same grid.
+    """
+    has_pre = ov.get("has_pre", rng.random() >= p_post_only)
+    grid = ov.get("grid", "2d" if rng.random() < p_2d else "3d")
+    pre_grid = ov.get("pre_grid", grid if rng.random() > 0.12 else ("3d" if grid == "2d" else "2d"))
+    vpose = draw_pose(rng, 8 if stress else 4, 10 if stress else 6)
+    post = draw_acquisition(rng, size=size, stress=stress, grid=grid, pose=vpose, storage=storage,
+                            gain_range=gain_range, thickness=ov.get("thickness"))
+    ppose = draw_pose(rng, 7 if stress else 5, 9 if stress else 6, base=vpose)
+    pre = draw_acquisition(rng, size=size, stress=stress, grid=pre_grid, pose=ppose,
+                           storage=storage, gain_range=gain_range,
+                           thickness=ov.get("pre_thickness")) if has_pre else None
+    if pre is not None and rng.random() < 0.6 and pre.grid == post.grid:
+        # same protocol for pre and post in most visits
+        pre.affine, pre.shape, pre.zooms, pre.orientation = (post.affine, post.shape, post.zooms,
+                                                             post.orientation)
+        pre.grid = post.grid
+    return post, pre
+
+
+def write_visit_scans(noise_rng, anat_dir: Path, stem: str, origin, post: Acquisition, post_vol: np.ndarray,
+                      pre: Acquisition | None, pre_vol: np.ndarray | None) -> None:
+    """Acquire the subject-space volumes (``origin``: subject mm of voxel 0) and write the BIDS
+    post-contrast scan, the pre-contrast scan when ``pre`` is given, and their JSON sidecars."""
+    anat_dir.mkdir(parents=True, exist_ok=True)
+    scans = [(post, post_vol, f"{stem}_ce-gadolinium_T1w", True)]
+    if pre is not None:
+        scans.append((pre, pre_vol, f"{stem}_T1w", False))
+    for acq, vol, name, is_post in scans:
+        img = finish_scan(noise_rng, sample(vol, origin, acq), acq)
+        _save(to_nifti(img, acq), anat_dir / f"{name}.nii.gz")
+        side = {"MRAcquisitionType": acq.grid.upper(), "SliceThickness": float(acq.zooms[2]),
+                "MagneticFieldStrength": 3}
+        if is_post:
+            side.update(ContrastBolusIngredient="GADOLINIUM")
+        (anat_dir / f"{name}.json").write_text(json.dumps(side, indent=2) + "\n")
+
+
+def save_label_image(labels: np.ndarray, acq: Acquisition, path: Path) -> None:
+    """A truth label image on the acquisition's grid (dtype kept, qform = sform = its affine)."""
+    img = nb.Nifti1Image(labels, acq.affine)
+    img.set_qform(acq.affine, 1)
+    img.set_sform(acq.affine, 1)
+    if labels.dtype == np.int16:
+        img.header.set_slope_inter(1.0, 0.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(img, path)
+
+
+def truth_count_row(sub: str, ses: str, week: int, n_counted: int, n_lesions: int, post: Acquisition,
+                    pre: Acquisition | None) -> dict:
+    """One row of truth_counts.tsv (TRUTH_COUNT_COLUMNS): the visit's count and how it was acquired."""
+    rel_r = post.rot @ pre.rot.T if pre is not None else None
+    return {
+        "participant_id": sub, "session_id": ses, "week": week, "gel_count": n_counted,
+        "n_truth_lesions": n_lesions, "has_pre": int(pre is not None), "grid": post.grid,
+        "voxel_x": post.zooms[0], "voxel_y": post.zooms[1], "voxel_z": post.zooms[2],
+        "orientation": post.orientation, "pre_grid": pre.grid if pre is not None else None,
+        "pre_voxel_z": pre.zooms[2] if pre is not None else None,
+        "snr_post": round(post.snr, 1), "bias_post": round(post.bias_amp, 2),
+        "motion_pre_post_deg": round(_rot_deg(rel_r), 2) if pre is not None else None,
+        "motion_pre_post_mm": (round(float(np.linalg.norm(post.trans - rel_r @ pre.trans)), 2)
+                               if pre is not None else None),
+        "storage_post": post.storage,
+    }
+
+
 def write_dataset(bids_dir, truth_dir, *, n_subjects: int = 4, weeks=(0, 4, 12), seed: int = 0,
                   stress: bool = False, size: str = "full", p_post_only: float = 0.25,
                   p_2d: float = 0.4, storage: str | None = None, overrides: dict | None = None,
@@ -1303,22 +1376,9 @@ def write_dataset(bids_dir, truth_dir, *, n_subjects: int = 4, weeks=(0, 4, 12),
         design = []
         for v, visit_ss in enumerate(design_ss.spawn(len(weeks))):
             rng = np.random.default_rng(visit_ss)
-            ov = overrides.get((si, v), {})
-            has_pre = ov.get("has_pre", rng.random() >= p_post_only)
-            grid = ov.get("grid", "2d" if rng.random() < p_2d else "3d")
-            pre_grid = ov.get("pre_grid", grid if rng.random() > 0.12 else ("3d" if grid == "2d" else "2d"))
-            vpose = draw_pose(rng, 8 if stress else 4, 10 if stress else 6)
-            post = draw_acquisition(rng, size=size, stress=stress, grid=grid, pose=vpose, storage=storage,
-                                    gain_range=gain_range, thickness=ov.get("thickness"))
-            ppose = draw_pose(rng, 7 if stress else 5, 9 if stress else 6, base=vpose)
-            pre = draw_acquisition(rng, size=size, stress=stress, grid=pre_grid, pose=ppose,
-                                   storage=storage, gain_range=gain_range,
-                                   thickness=ov.get("pre_thickness")) if has_pre else None
-            if pre is not None and rng.random() < 0.6 and pre.grid == post.grid:
-                # same protocol for pre and post in most visits
-                pre.affine, pre.shape, pre.zooms, pre.orientation = (post.affine, post.shape, post.zooms,
-                                                                     post.orientation)
-                pre.grid = post.grid
+            post, pre = draw_visit_design(rng, overrides.get((si, v), {}), size=size, stress=stress,
+                                          storage=storage, gain_range=gain_range,
+                                          p_post_only=p_post_only, p_2d=p_2d)
             # pairs are laid out across the slice axis' perpendicular plane of the post grid
             sl = post.rot.T @ (post.affine[:3, 2] / np.linalg.norm(post.affine[:3, 2]))
             d = np.cross(sl, rng.standard_normal(3))
@@ -1333,47 +1393,16 @@ def write_dataset(bids_dir, truth_dir, *, n_subjects: int = 4, weeks=(0, 4, 12),
             post, pre = design[v]["post"], design[v]["pre"]
             pre_vol, post_vol = visit_volumes(anat, lesions, v)
             anat_dir = bids_dir / sub / ses / "anat"
-            anat_dir.mkdir(parents=True, exist_ok=True)
             stem = f"{sub}_{ses}"
-            scans = [(post, post_vol, f"{stem}_ce-gadolinium_T1w", True)]
-            if pre is not None:
-                scans.append((pre, pre_vol, f"{stem}_T1w", False))
-            for acq, vol, name, is_post in scans:
-                img = finish_scan(noise_rng, sample(vol, anat.grid.origin, acq), acq)
-                _save(to_nifti(img, acq), anat_dir / f"{name}.nii.gz")
-                side = {"MRAcquisitionType": acq.grid.upper(), "SliceThickness": float(acq.zooms[2]),
-                        "MagneticFieldStrength": 3}
-                if is_post:
-                    side.update(ContrastBolusIngredient="GADOLINIUM")
-                (anat_dir / f"{name}.json").write_text(json.dumps(side, indent=2) + "\n")
+            write_visit_scans(noise_rng, anat_dir, stem, anat.grid.origin, post, post_vol, pre, pre_vol)
             del pre_vol, post_vol
             labels, rows = truth_labels(anat, lesions, v, post)
             tdir = truth_dir / sub / ses
-            tdir.mkdir(parents=True, exist_ok=True)
-            lab_img = nb.Nifti1Image(labels.astype(np.int16), post.affine)
-            lab_img.set_qform(post.affine, 1)
-            lab_img.set_sform(post.affine, 1)
-            lab_img.header.set_slope_inter(1.0, 0.0)
-            _save(lab_img, tdir / f"{stem}_label-GEL_dseg.nii.gz")
-            mim = mimic_labels(anat, lesions, v, post)
-            mim_img = nb.Nifti1Image(mim, post.affine)
-            mim_img.set_qform(post.affine, 1)
-            mim_img.set_sform(post.affine, 1)
-            _save(mim_img, tdir / f"{stem}_label-mimics_dseg.nii.gz")
+            save_label_image(labels.astype(np.int16), post, tdir / f"{stem}_label-GEL_dseg.nii.gz")
+            save_label_image(mimic_labels(anat, lesions, v, post), post,
+                             tdir / f"{stem}_label-mimics_dseg.nii.gz")
             n_counted = sum(r["counted"] for r in rows)
-            rel_r = post.rot @ pre.rot.T if pre is not None else None
-            count_rows.append({
-                "participant_id": sub, "session_id": ses, "week": wk, "gel_count": n_counted,
-                "n_truth_lesions": len(rows), "has_pre": int(pre is not None), "grid": post.grid,
-                "voxel_x": post.zooms[0], "voxel_y": post.zooms[1], "voxel_z": post.zooms[2],
-                "orientation": post.orientation, "pre_grid": pre.grid if pre is not None else None,
-                "pre_voxel_z": pre.zooms[2] if pre is not None else None,
-                "snr_post": round(post.snr, 1), "bias_post": round(post.bias_amp, 2),
-                "motion_pre_post_deg": round(_rot_deg(rel_r), 2) if pre is not None else None,
-                "motion_pre_post_mm": (round(float(np.linalg.norm(post.trans - rel_r @ pre.trans)), 2)
-                                       if pre is not None else None),
-                "storage_post": post.storage,
-            })
+            count_rows.append(truth_count_row(sub, ses, wk, n_counted, len(rows), post, pre))
             for r in rows:
                 lesion_rows.append({"participant_id": sub, "session_id": ses, **r})
             if progress:

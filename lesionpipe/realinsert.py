@@ -36,6 +36,7 @@ class InsertedLesion:
     volume_mm3: float            # truth volume: voxels whose partial volume is >= 0.5
     n_voxels: int
     enhancement: float           # added fraction of the local tissue intensity at full occupancy
+    t1_factor: float             # lesion tissue before contrast, as a fraction of the tissue replaced
     local_wm: float              # median post-contrast white-matter intensity within 10 mm
     depth_mm: float              # distance of the centre to the edge of normal white matter
 
@@ -52,17 +53,19 @@ class InsertedLesion:
         out["volume_mm3"] = round(d["volume_mm3"], 1)
         out["n_voxels"] = d["n_voxels"]
         out["enhancement_pct"] = round(100 * d["enhancement"], 1)
+        out["t1_factor"] = round(d["t1_factor"], 3)
         out["local_wm"] = round(d["local_wm"], 2)
         out["depth_mm"] = round(d["depth_mm"], 2)
         return out
 
 
 class Insertion(NamedTuple):
-    """Result of :func:`insert_lesions`: ``post, labels, lesions = insert_lesions(...)``."""
+    """Result of :func:`insert_lesions`: ``post, labels, lesions, pre = insert_lesions(...)``."""
 
     post: np.ndarray              # float32, the post-contrast image with the lesions
     labels: np.ndarray            # int16 instance truth labels 1..n (partial volume >= 0.5)
     lesions: list                 # InsertedLesion per label, in label order
+    pre: np.ndarray | None = None  # float32 pre-contrast image with the lesions (``t1_range``), else None
 
 
 # =================================================================================================
@@ -229,7 +232,7 @@ def insert_lesions(post: np.ndarray, pre: np.ndarray | None, wm_prob_or_mask: np
                    ring_fraction: float = 0.3, ring_min_volume_mm3: float = 80.0,
                    erode_mm: float = 3.0, fit_tolerance_mm: float = 1.0,
                    min_separation_mm: float = 8.0, exclude_margin_mm: float = 2.0,
-                   max_tries: int = 2000) -> Insertion:
+                   t1_range=(1.0, 1.0), max_tries: int = 2000) -> Insertion:
     """Insert ``n`` synthetic enhancing lesions into normal-appearing white matter of ``post``.
 
     Parameters
@@ -255,10 +258,14 @@ def insert_lesions(post: np.ndarray, pre: np.ndarray | None, wm_prob_or_mask: np
 
     Intensity: ``post * (1 + a * occupancy * profile)`` with ``a`` uniform in
     ``enhancement_range``, i.e. ``a`` of the local white-matter intensity is added at full
-    occupancy.
+    occupancy. With ``t1_range`` other than (1, 1), each lesion's tissue is darker before
+    contrast by a factor ``f`` drawn in it (an MS lesion is T1-hypointense): ``pre`` is multiplied
+    by ``1 - (1 - f) * occupancy`` and ``post`` by ``1 - (1 - f) * occupancy + a * occupancy *
+    profile``. ``pre`` must then be given.
 
-    Returns ``Insertion(post, labels, lesions)``: the new post image (float32), instance truth
-    labels (int16, voxels with partial volume >= 0.5) and one :class:`InsertedLesion` per label.
+    Returns ``Insertion(post, labels, lesions, pre)``: the new post image (float32), instance truth
+    labels (int16, voxels with partial volume >= 0.5), one :class:`InsertedLesion` per label and the
+    new pre image (float32; None unless ``t1_range`` darkens the lesions).
     Raises ValueError when the lesions cannot all be placed.
     """
     affine = _check_inputs(post, pre, wm_prob_or_mask, affine)
@@ -319,6 +326,13 @@ def insert_lesions(post: np.ndarray, pre: np.ndarray | None, wm_prob_or_mask: np
             raise ValueError(f"insert_lesions: could place only {len(placed)} of {n} lesions "
                              f"{min_separation_mm} mm apart in normal white matter")
 
+    darken = tuple(float(v) for v in t1_range) != (1.0, 1.0)
+    if darken and pre is None:
+        raise ValueError("insert_lesions: t1_range darkens the lesions before contrast; give the pre image")
+    # drawn from a child stream only when asked for, so that the default draws are unchanged
+    t1 = (np.random.default_rng(rng.integers(2 ** 63)).uniform(*t1_range, n) if darken
+          else np.ones(n))
+    pre_out = np.asarray(pre, np.float32).copy() if darken else None
     out = post.copy()
     labels = np.zeros(shape, np.int16)
     lesions = []
@@ -329,7 +343,10 @@ def insert_lesions(post: np.ndarray, pre: np.ndarray | None, wm_prob_or_mask: np
         wm_box = _box(ijk, 10.0, zooms, shape)
         local = post[wm_box][nawm[wm_box]]
         local_wm = float(np.median(local)) if local.size else float("nan")
-        out[box] = post[box] * (1 + dr["amp"] * weighted)
+        dark = 1 - (1 - t1[i]) * occ
+        out[box] = post[box] * (dark + dr["amp"] * weighted)
+        if darken:
+            pre_out[box] = pre_out[box] * dark
         inside = (occ >= 0.5) & (labels[box] == 0)
         labels[box][inside] = label
         nvox = int(inside.sum())
@@ -338,6 +355,7 @@ def insert_lesions(post: np.ndarray, pre: np.ndarray | None, wm_prob_or_mask: np
             label=label, kind=dr["kind"], centre_ijk=ci,
             centre_mm=tuple(float(v) for v in affine[:3, :3] @ ijk + affine[:3, 3]),
             semi_axes_mm=tuple(float(s) for s in dr["semi"]), requested_volume_mm3=dr["volume"],
-            volume_mm3=nvox * voxel_mm3, n_voxels=nvox, enhancement=dr["amp"], local_wm=local_wm,
+            volume_mm3=nvox * voxel_mm3, n_voxels=nvox, enhancement=dr["amp"], t1_factor=float(t1[i]),
+            local_wm=local_wm,
             depth_mm=float(ndi.map_coordinates(depth, ijk[:, None], order=1)[0])))
-    return Insertion(out, labels, lesions)
+    return Insertion(out, labels, lesions, pre_out)
