@@ -25,7 +25,7 @@ from scipy import ndimage as ndi
 from skimage.filters import threshold_multiotsu
 
 from lesionpipe.preproc.morph import (ball, close, dilate, distance_mm, downsample_factors, erode,
-                                      fill_holes_2d, largest_component)
+                                      fill_holes_2d, largest_component, smooth_mm)
 
 
 @dataclass
@@ -92,7 +92,8 @@ def _band_mode(vals: np.ndarray, lo: float, hi: float, *, default: float) -> flo
 def brain_mask(data: np.ndarray, zooms, head: np.ndarray, *, erosion_mm: float = 4.0,
                closing_mm: float = 2.0, cortex_mm: float = 12.0, bridge_mm: float = 1.5,
                scalp_mm: float = 6.0, white_erosion_mm: float = 3.0,
-               white_min_share: float = 0.02) -> tuple[np.ndarray, TissueLevels]:
+               white_min_share: float = 0.02,
+               white_smooth_mm: float = 1.0) -> tuple[np.ndarray, TissueLevels]:
     """Brain mask (cerebrum, cerebellum, ventricles, sulci) of a bias-corrected T1 with skull.
 
     Returns the mask and the tissue levels found. Works at the native grid; anisotropy is handled
@@ -100,6 +101,8 @@ def brain_mask(data: np.ndarray, zooms, head: np.ndarray, *, erosion_mm: float =
     marrow (thinner than twice it) goes and the cerebral and cerebellar white matter stay;
     besides the largest piece, pieces of at least ``white_min_share`` of it are kept (the
     cerebellar white matter is 3-4 % of the cerebral; a higher share loses the cerebellum).
+    The white-matter seed is thresholded on the image smoothed by ``white_smooth_mm`` (Gaussian
+    sigma), the tissue classes on the image itself.
     """
     zooms = np.asarray(zooms, float)
     head_depth = distance_mm(head, zooms)
@@ -112,7 +115,11 @@ def brain_mask(data: np.ndarray, zooms, head: np.ndarray, *, erosion_mm: float =
     # white matter is one thick piece while neck and face muscle (grey-matter-like on T1) and
     # thin marrow are gone, so the neck cannot join the brain through the skull base or the
     # muscles around the brainstem
-    white = tissue & (data > 0.5 * (levels.gm + levels.wm))
+    # (on a lightly smoothed copy: on a noisy scan the white matter thresholded voxel by voxel
+    # is a sieve that the erosion breaks into crumbs, and the hemispheres come apart)
+    smooth = smooth_mm(data, white_smooth_mm, zooms)
+    white = (head & (head_depth > scalp_mm) & (smooth > 0.5 * (levels.gm + levels.wm))
+             & (smooth < levels.wm * 1.22))
     white = _central_component(erode(white, white_erosion_mm, zooms), head_depth, zooms,
                                min_share=white_min_share)
     seed = erode(tissue, erosion_mm, zooms) & dilate(white, cortex_mm, zooms)
