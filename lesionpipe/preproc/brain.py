@@ -54,12 +54,20 @@ def _mode(values: np.ndarray, bins: int = 128) -> float:
     return float(0.5 * (edges[i] + edges[i + 1]))
 
 
-def tissue_levels(data: np.ndarray, region: np.ndarray) -> TissueLevels:
+def tissue_levels(data: np.ndarray, region: np.ndarray, *, min_wm_share: float = 0.15) -> TissueLevels:
     """CSF, GM and WM intensity levels from a region holding mostly brain.
 
     White matter is the mode of the upper Otsu class (the brightest large tissue on T1); grey
     matter the histogram peak between 0.45 and 0.92 of it; CSF the peak below 0.45 of it, or a
-    quarter of white matter when CSF is too scarce to form a peak.
+    quarter of white matter when CSF is too scarce to form a peak. An upper class holding less
+    than ``min_wm_share`` of the region is not white matter: it is dropped and the classes are
+    found again (at most twice).
+
+    >>> rng = np.random.default_rng(0)   # CSF, GM, WM and a small bright class (6 %)
+    >>> vals = np.concatenate([rng.normal(30, 4, 3000), rng.normal(80, 5, 5000),
+    ...                        rng.normal(100, 5, 5000), rng.normal(150, 6, 800)])
+    >>> round(tissue_levels(vals, np.ones(vals.size, bool)).wm / 10)
+    10
     """
     vals = data[region & np.isfinite(data)]
     if vals.size > 400_000:
@@ -67,6 +75,13 @@ def tissue_levels(data: np.ndarray, region: np.ndarray) -> TissueLevels:
     lo, hi = np.percentile(vals, [0.5, 99.5])
     vals = vals[(vals >= lo) & (vals <= hi)]
     t2 = threshold_multiotsu(vals, classes=3)[1]
+    for _ in range(2):
+        # white matter is a third or more of the brain; a bright class much smaller than that
+        # (orbital or marrow fat, enhancing vessels and sinuses reaching the region) is set aside
+        if np.mean(vals > t2) >= min_wm_share:
+            break
+        vals = vals[vals <= t2]
+        t2 = threshold_multiotsu(vals, classes=3)[1]
     wm = _mode(vals[vals > t2])
     gm = _band_mode(vals, 0.45 * wm, 0.92 * wm, default=0.7 * wm)
     csf = _band_mode(vals, 0.02 * wm, 0.45 * wm, default=0.25 * wm)
