@@ -156,6 +156,9 @@ class Settings:
     min_peak_enhancement_pct: float = 15.0
     #: minimum mean enhancement of a candidate above its 2 mm surroundings, percent
     min_local_contrast_pct: float = 8.0
+    #: ... and at least this many noise SDs of the enhancement map: fainter than that, a sizeable
+    #: region is a plateau of residual bias or sequence contrast, not a lesion (0 = off)
+    min_contrast_z: float = 2.5
     #: candidates whose centroid lies closer than this to the brain surface are rejected (mm)
     surface_margin_mm: float = 3.0
     #: candidates overlapping the dilated ventricles by more than this fraction are rejected

@@ -301,3 +301,21 @@ def test_thick_slice_grids_have_their_own_threshold():
     assert iso == _run(post_n, pre_n, brain, zooms, classifier="none",
                        min_peak_enhancement_pct=1.0).thresholds
     assert iso["high_pct"] == pytest.approx(4.0 * iso["sigma_pct"], rel=1e-6)
+
+
+def test_a_candidate_within_the_noise_of_its_surroundings_is_rejected_whatever_the_model():
+    """A sizeable region a noise SD or two above its shell (residual bias, sequence contrast) is
+    not a lesion: min_contrast_z rejects it before the classifier, in both decision modes."""
+    from lesionpipe.lesions.detect import FAINT, _hard_reject, _reject_reason
+
+    grid, brain, pre, noise, zooms = _brain()
+    post = pre.copy()
+    post[_ball(grid, (40, 40, 24), 3.0)] += 40
+    det = _run(post + noise(), pre + noise(), brain, zooms)
+    row = det.candidates[det.candidates["decision"] == "accept"].iloc[0].to_dict()
+    assert row["contrast_z"] > 5
+    assert _hard_reject(row, Settings()) == "" and _reject_reason(row, Settings()) == ""
+    faint = dict(row, contrast_z=1.5)
+    assert _hard_reject(faint, Settings()) == FAINT == _reject_reason(faint, Settings())
+    off = Settings(min_contrast_z=0.0)
+    assert _hard_reject(faint, off) == "" and _reject_reason(faint, off) == ""

@@ -665,9 +665,14 @@ def blobness(enh: np.ndarray, piece: np.ndarray, zooms, *, sigma_mm: float = 1.2
     return float(mags.min() / mags.max())
 
 
+#: reason of a candidate that does not stand out of the noise against its surroundings
+FAINT = "faint against its surroundings (contrast under min_contrast_z noise SDs)"
+
+
 def _hard_reject(f: dict, s: Settings) -> str:
     """What no lesion can be, whatever the classifier says: outside the brain's surroundings,
-    a long tube, or a thin piece of a larger enhancing structure.
+    no brighter than its surroundings by more than the noise, a long tube, or a thin piece of a
+    larger enhancing structure.
 
     These shapes are outside what the classifier was trained on in any number (on lesion-rich
     phantoms they removed 1 of 147 lesion candidates and 838 of 6911 mimics), so they are not
@@ -675,6 +680,8 @@ def _hard_reject(f: dict, s: Settings) -> str:
     """
     if f["shell_outside"] > 0.3:
         return "brain surface (dura/sinus/meninges)"
+    if f["contrast_z"] < s.min_contrast_z:
+        return FAINT
     if f["n_voxels"] >= 6 and f["elongation"] > s.max_lesion_elongation:
         return "tubular (vessel)"
     if f.get("attached") and f["thickness_mm"] <= s.max_attached_thickness_mm:
@@ -688,6 +695,8 @@ def _reject_reason(f: dict, s: Settings) -> str:
         return "CSF or sulcal vessel (dark before contrast)"
     if f["local_contrast_pct"] < s.min_local_contrast_pct:
         return "no edge (diffuse signal change)"
+    if f["contrast_z"] < s.min_contrast_z:
+        return FAINT
     if f["shell_outside"] > 0.3:
         return "brain surface (dura/sinus/meninges)"
     if f["ventricle_frac"] > s.max_ventricle_overlap or f["shell_csf"] > 0.5:
