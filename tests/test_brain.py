@@ -11,8 +11,12 @@ from lesionpipe.preproc.brain import brain_mask
 
 
 @pytest.fixture(scope="module")
-def head():
-    anat = P.make_anatomy(np.random.default_rng(5), size="small")
+def anat():
+    return P.make_anatomy(np.random.default_rng(5), size="small")
+
+
+@pytest.fixture(scope="module")
+def head(anat):
     rng = np.random.default_rng(0)
     pre = (anat.pre + rng.normal(0, 0.03, anat.pre.shape)).astype(np.float32) * 731.0
     mask, levels = brain_mask(pre, (1.0, 1.0, 1.0), head_mask(pre))
@@ -46,10 +50,9 @@ def test_tissue_levels_follow_the_gain(head):
     assert levels.wm == pytest.approx(731.0, rel=0.05)
 
 
-def test_noisy_scan_keeps_the_whole_brain():
+def test_noisy_scan_keeps_the_whole_brain(anat):
     """At SNR ~17 (Rician) the white matter thresholded voxel by voxel falls apart under the
     erosion; the seed comes from a smoothed copy, so the cerebellum and both hemispheres stay."""
-    anat = P.make_anatomy(np.random.default_rng(5), size="small")
     rng = np.random.default_rng(0)
     noisy = np.sqrt((anat.pre + rng.normal(0, 0.06, anat.pre.shape)) ** 2
                     + rng.normal(0, 0.06, anat.pre.shape) ** 2).astype(np.float32) * 731.0

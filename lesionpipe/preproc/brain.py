@@ -125,16 +125,19 @@ def brain_mask(data: np.ndarray, zooms, head: np.ndarray, *, erosion_mm: float =
     levels = tissue_levels(data, inner_head)
     # brain-like intensities, and never in the outermost layer of the head (skin, scalp fat):
     # the brain lies under at least the scalp and the skull
-    tissue = head & (data > levels.csf_gm) & (data < levels.wm * 1.22) & (head_depth > scalp_mm)
+    below_scalp = head & (head_depth > scalp_mm)
+
+    def brain_like(img, lowest):
+        return below_scalp & (img > lowest) & (img < levels.wm * 1.22)
+
+    tissue = brain_like(data, levels.csf_gm)
     # the seed is the eroded tissue near eroded white matter: after the erosion the cerebral
     # white matter is one thick piece while neck and face muscle (grey-matter-like on T1) and
     # thin marrow are gone, so the neck cannot join the brain through the skull base or the
     # muscles around the brainstem
     # (on a lightly smoothed copy: on a noisy scan the white matter thresholded voxel by voxel
     # is a sieve that the erosion breaks into crumbs, and the hemispheres come apart)
-    smooth = smooth_mm(data, white_smooth_mm, zooms)
-    white = (head & (head_depth > scalp_mm) & (smooth > 0.5 * (levels.gm + levels.wm))
-             & (smooth < levels.wm * 1.22))
+    white = brain_like(smooth_mm(data, white_smooth_mm, zooms), 0.5 * (levels.gm + levels.wm))
     white = _central_component(erode(white, white_erosion_mm, zooms), head_depth, zooms,
                                min_share=white_min_share)
     seed = erode(tissue, erosion_mm, zooms) & dilate(white, cortex_mm, zooms)
