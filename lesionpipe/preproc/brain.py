@@ -90,9 +90,25 @@ def tissue_levels(data: np.ndarray, region: np.ndarray, *, min_wm_share: float =
     return TissueLevels(csf=csf, gm=gm, wm=wm)
 
 
-def _band_mode(vals: np.ndarray, lo: float, hi: float, *, default: float) -> float:
+def _band_mode(vals: np.ndarray, lo: float, hi: float, *, default: float,
+               dip: float = 0.9) -> float:
     """Histogram peak of ``vals`` inside [lo, hi]; ``default`` when the band is nearly empty or
-    the peak sits on an edge of the band (no peak of its own, only the tail of a neighbour)."""
+    holds no peak of its own.
+
+    A peak of its own falls to under ``dip`` of its height on both sides within the band. A
+    histogram that rises up to the band's edge (only the tail of a neighbouring class) has its
+    smoothed maximum on or next to the edge bin, and choosing that shoulder would make the level
+    jump with small changes of the region:
+
+    >>> edges = np.linspace(2, 45, 49)             # the CSF band, 48 bins
+    >>> rising = 10 * np.arange(1, 49); rising[-1] = 0.8 * rising[-2]   # a tail, last bin short
+    >>> tail = np.repeat(0.5 * (edges[1:] + edges[:-1]), rising)
+    >>> _band_mode(tail, 2, 45, default=25.0)        # not the shoulder at 41.9
+    25.0
+    >>> rng = np.random.default_rng(0)
+    >>> round(_band_mode(np.concatenate([tail, rng.normal(30, 4, 8000)]), 2, 45, default=25.0))
+    30
+    """
     band = vals[(vals >= lo) & (vals <= hi)]
     if band.size < 0.01 * vals.size or band.size < 50:
         return default
@@ -100,6 +116,8 @@ def _band_mode(vals: np.ndarray, lo: float, hi: float, *, default: float) -> flo
     hist = ndi.gaussian_filter1d(hist.astype(float), 1.5)
     i = int(np.argmax(hist))
     if i in (0, len(hist) - 1):
+        return default
+    if hist[:i].min() >= dip * hist[i] or hist[i + 1:].min() >= dip * hist[i]:
         return default
     return float(0.5 * (edges[i] + edges[i + 1]))
 
