@@ -56,7 +56,17 @@ def _parse_seed(text: str) -> tuple[int, float, float, float]:
     return tuple(values)
 
 
-def _datasets(root: Path, seeds, stress_seeds, subjects, weeks):
+def _parse_real_seed(text: str) -> tuple[int, float]:
+    """``SEED[:MEAN_LESIONS]`` of a trial on the real brain -> (seed, mean lesions per visit).
+
+    >>> _parse_real_seed("41001:5"), _parse_real_seed("41002")
+    ((41001, 5.0), (41002, 3.0))
+    """
+    seed, _, mean = text.partition(":")
+    return int(seed), float(mean or 3.0)
+
+
+def _datasets(root: Path, seeds, stress_seeds, subjects, weeks, real_seeds=(), real_anatomy=None):
     from lesionpipe.phantom import write_dataset
 
     out = []
@@ -70,6 +80,14 @@ def _datasets(root: Path, seeds, stress_seeds, subjects, weeks):
             write_dataset(base / "bids", base / "truth", n_subjects=subjects, weeks=weeks,
                           seed=seed, stress=stress, size="full", activity=activity,
                           p_post_only=p_post_only, juxtacortical=juxtacortical)
+        out.append(base)
+    for seed, mean_lesions in real_seeds:
+        from lesionpipe.realtrial import write_real_trial
+
+        base = root / f"real{seed}_m{mean_lesions:g}"
+        if not (base / "bids").exists():
+            write_real_trial(real_anatomy, base / "bids", base / "truth", n_subjects=subjects,
+                             weeks=weeks, seed=seed, mean_lesions=mean_lesions)
         out.append(base)
     return out
 
@@ -123,6 +141,13 @@ def main() -> int:
                                                          "312:2", "313:4:0.6", "314:2:0.5:0.6")],
                     help="SEED[:ACTIVITY[:P_POST_ONLY[:JUXTACORTICAL]]] of each phantom dataset")
     ap.add_argument("--stress-seeds", type=_parse_seed, nargs="*", default=[])
+    ap.add_argument("--real-seeds", type=_parse_real_seed, nargs="*", default=[],
+                    help="SEED[:MEAN_LESIONS] of trials drawn on the real brain of --real-anatomy "
+                         "(lesionpipe phantoms --real-anatomy)")
+    ap.add_argument("--real-anatomy", type=Path, default=None, help="with --real-seeds")
+    ap.add_argument("--base-model", type=Path, default=None,
+                    help="continue this trees model on the candidates (new trees learn what it "
+                         "gets wrong) instead of fitting from scratch")
     ap.add_argument("--subjects", type=int, default=8)
     ap.add_argument("--weeks", type=int, nargs="+", default=[0, 4, 12])
     ap.add_argument("--nprocs", type=int, default=2)
@@ -150,7 +175,20 @@ def main() -> int:
         ap.error(f"--drop-features: unknown {unknown} (known: {list(FEATURES)})")
     names = [n for n in FEATURES if n not in args.drop_features]
 
+    if args.real_seeds and args.real_anatomy is None:
+        ap.error("--real-seeds needs --real-anatomy")
+    base_model = None
+    if args.base_model is not None:
+        from lesionpipe.lesions.classifier import TreeModel, continue_trees, load_model
+
+        base_model = load_model(args.base_model)
+        if not isinstance(base_model, TreeModel):
+            ap.error(f"--base-model {args.base_model}: not a trees model")
+
     def fit(table, labels, info=None):
+        if base_model is not None:
+            return continue_trees(base_model, table, labels, n_trees=args.n_trees,
+                                  depth=args.depth, info=info)
         if args.kind == "trees":
             return train_trees(table, labels, n_trees=args.n_trees, depth=args.depth, info=info,
                                names=names, monotone=args.monotone)
@@ -160,7 +198,7 @@ def main() -> int:
         bases = sorted(p for p in args.root.iterdir() if (p / "out").is_dir())
     else:
         bases = _datasets(args.root, args.seeds, args.stress_seeds, args.subjects,
-                          tuple(args.weeks))
+                          tuple(args.weeks), args.real_seeds, args.real_anatomy)
         for base in bases:
             _run(base, args.nprocs, args.peel_flank_mm)
     data = pd.concat([labelled_candidates(b / "out", b / "truth") for b in bases],
@@ -182,15 +220,19 @@ def main() -> int:
         test = fold == k
         prob[test] = fit(data[~test], y[~test]).probability(data[test])
     visits = data.groupby(["dataset", "participant_id", "session_id"]).ngroups
-    for has_pre in (True, False):
-        sel = data["has_pre"].astype(bool).to_numpy() == has_pre
-        nv = data[sel].groupby(["dataset", "participant_id", "session_id"]).ngroups
-        for thr in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7):
-            tp = int(((prob >= thr) & (y == 1) & sel).sum())
-            fp = int(((prob >= thr) & (y == 0) & sel).sum())
-            print(f"CV {'pre+post ' if has_pre else 'post-only'} threshold {thr}: candidate "
-                  f"sensitivity {tp / max((y[sel] == 1).sum(), 1):.3f}, false positives per "
-                  f"visit {fp / max(nv, 1):.2f} ({nv} visits)")
+    scored = [("CV", prob)]
+    if base_model is not None:      # the base model never saw these candidates
+        scored.append(("base model", base_model.probability(data)))
+    for what, p in scored:
+        for has_pre in (True, False):
+            sel = data["has_pre"].astype(bool).to_numpy() == has_pre
+            nv = data[sel].groupby(["dataset", "participant_id", "session_id"]).ngroups
+            for thr in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7):
+                tp = int(((p >= thr) & (y == 1) & sel).sum())
+                fp = int(((p >= thr) & (y == 0) & sel).sum())
+                print(f"{what} {'pre+post ' if has_pre else 'post-only'} threshold {thr}: "
+                      f"candidate sensitivity {tp / max((y[sel] == 1).sum(), 1):.3f}, false "
+                      f"positives per visit {fp / max(nv, 1):.2f} ({nv} visits)")
     model = fit(data, y, info={
         "kind": args.kind, "trained_on": [b.name for b in bases],
         "n_candidates": int(len(data)), "n_lesions": int(y.sum()), "n_visits": int(visits),

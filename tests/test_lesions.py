@@ -226,6 +226,31 @@ def test_monotone_trees_follow_their_directions_whatever_the_data_say(tmp_path):
     np.testing.assert_allclose(again.probability(table), model.probability(table), atol=1e-9)
 
 
+def test_continued_trees_learn_what_the_base_model_gets_wrong(tmp_path):
+    pytest.importorskip("sklearn")
+    from lesionpipe.lesions.classifier import continue_trees, load_model, train_trees
+
+    table, y = _synthetic_candidates(1500, 0)
+    base = train_trees(table, y, n_trees=60)
+    # another kind of scan: here thick candidates are mimics, which the base data never showed
+    other, y_other = _synthetic_candidates(1500, 2)
+    y_other = np.where(other["thickness_mm"] > 6, 0, y_other)
+    test, y_test = _synthetic_candidates(1000, 3)
+    y_test = np.where(test["thickness_mm"] > 6, 0, y_test)
+    model = continue_trees(base, other, y_other, n_trees=60)
+    assert len(model.trees) == 120 and model.trees[:60] == base.trees
+    assert model.info["continued"]["n_trees"] == 60
+
+    def accuracy(m):
+        return ((m.probability(test) >= 0.5) == (y_test == 1)).mean()
+
+    assert accuracy(model) > accuracy(base) + 0.03
+    path = tmp_path / "continued.json"
+    model.to_json(path)
+    np.testing.assert_allclose(load_model(path).probability(test), model.probability(test),
+                               atol=1e-6)
+
+
 def _peeled(comp, enh, conn, **kw):
     """Regions ``_peel`` yields (lo 6, hi 10, 1 mm grid), each as a full-size mask."""
     from lesionpipe.lesions.detect import _peel

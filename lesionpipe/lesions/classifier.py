@@ -228,6 +228,55 @@ def train_trees(table: pd.DataFrame, labels: np.ndarray, *, n_trees: int = 300, 
     return model
 
 
+def continue_trees(base: TreeModel, table: pd.DataFrame, labels: np.ndarray, *,
+                   n_trees: int = 100, depth: int = 3, rate: float | None = None,
+                   min_leaf: int = 20, seed: int = 0, info: dict | None = None) -> TreeModel:
+    """``base`` boosted further on new candidates (e.g. scans of another kind of anatomy).
+
+    The new trees start from ``base``'s log-odds, so they learn only what ``base`` gets wrong on
+    the new data, and the result is one :class:`TreeModel`: ``base``'s trees followed by the new
+    ones. ``base`` must be a plain (not monotone) trees model; the new trees read its features.
+    """
+    from sklearn.base import BaseEstimator, ClassifierMixin
+    from sklearn.ensemble import GradientBoostingClassifier
+
+    if base.dtype != "float32":
+        raise ValueError("continue_trees: the base model must be plain boosted trees (float32)")
+    rate = base.rate if rate is None else rate
+
+    class _Base(ClassifierMixin, BaseEstimator):   # base's log-odds as the starting point
+        def fit(self, x, y, sample_weight=None):
+            self.classes_ = np.array([0, 1])
+            return self
+
+        def predict_proba(self, x):
+            p = 1.0 / (1.0 + np.exp(-base.log_odds(x)))
+            return np.column_stack([1.0 - p, p])
+
+    x = feature_matrix(table, base.names)
+    y = np.asarray(labels, int)
+    clf = GradientBoostingClassifier(n_estimators=n_trees, max_depth=depth, learning_rate=rate,
+                                     min_samples_leaf=min_leaf, subsample=0.8, random_state=seed,
+                                     init=_Base()).fit(x, y)
+    scale = rate / base.rate        # the model has one rate: the new leaves carry the ratio
+    new = []
+    for est in clf.estimators_[:, 0]:
+        tree = _plain_tree(est.tree_)
+        tree["value"] = [round(v * scale, 6) for v in tree["value"]]
+        new.append(tree)
+    meta = {**base.info, "continued": {**(info or {}), "n_trees": n_trees, "depth": depth,
+                                       "rate": rate, "min_leaf": min_leaf}}
+    model = TreeModel(names=base.names, init=base.init, rate=base.rate, trees=base.trees + new,
+                      info=meta, dtype=base.dtype)
+    # scikit-learn clips the starting probability at float32's eps: compare where it does not
+    start = base.log_odds(x[:500])
+    ok = np.abs(start) < 15.0
+    ref = clf.decision_function(x[:500])
+    if not np.allclose(model.log_odds(x[:500])[ok], ref[ok], atol=1e-3):
+        raise RuntimeError("continued trees disagree with scikit-learn's decision function")
+    return model
+
+
 def _plain_tree(t) -> dict:
     """One scikit-learn ``Tree`` (GradientBoostingClassifier) in :class:`TreeModel`'s layout."""
     return {"feature": t.feature.tolist(), "threshold": [float(v) for v in t.threshold],
