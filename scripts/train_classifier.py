@@ -11,14 +11,24 @@ writing the model::
 
 A seed may carry the dataset's lesion activity, share of post-only visits and share of new
 lesions placed juxtacortically, ``SEED[:ACTIVITY[:P[:JUXTACORTICAL]]]`` (see ``lesionpipe phantoms
---activity --juxtacortical``). The shipped model was trained on 8 subjects x weeks 0/4/12 of
-each of ``--seeds 301 302:4 303:4:0.6 304:4:0.8 311 312:2 313:4:0.6 314:2:0.5:0.6
---peel-flank-mm 3`` (the defaults here; 192 visits, 558 lesion candidates, 51269 mimics), on
-candidates peeled as the detector peels them (``Settings.peel_flank_mm``). Its thresholds
+--activity --juxtacortical``); ``--real-seeds SEED[:MEAN_LESIONS]`` adds trials drawn on the real
+brain of ``--real-anatomy`` (``lesionpipe phantoms --real-anatomy``). The shipped model is built in
+two stages. The first (``lesionpipe/data/gel_classifier_phantoms.json``) was trained on 8 subjects
+x weeks 0/4/12 of each of ``--seeds 301 302:4 303:4:0.6 304:4:0.8 311 312:2 313:4:0.6
+314:2:0.5:0.6 --peel-flank-mm 3`` (the defaults here; 192 visits, 558 lesion candidates, 51269
+mimics), on candidates peeled as the detector peels them (``Settings.peel_flank_mm``). The second
+continues it with 100 trees on what it gets wrong on trials of the real brain::
+
+    python scripts/train_classifier.py TRAIN2 --seeds 315:4:0.5 --real-seeds 41001:5 41002:5 \
+        --real-anatomy ../shared/real_scans/open_ms_patient07 \
+        --base-model lesionpipe/data/gel_classifier_phantoms.json --n-trees 100
+
+(72 visits, 292 lesion candidates; docs/evaluation.md, last section). The first stage's thresholds
 (``Settings.min_probability``, ``min_probability_post_only``: 0.4 and 0.4) are the highest
 cross-validated candidate sensitivity at no more than 0.2 false positives per visit with a
-pre-contrast scan and 0.5 without. The earlier model (the first four seeds, whole-basin
-candidates, 357 lesion candidates) is compared with it in docs/evaluation.md.
+pre-contrast scan and 0.5 without; the second stage keeps them. The earlier model (the first
+four seeds, whole-basin candidates, 357 lesion candidates) is compared with it in
+docs/evaluation.md.
 
 A candidate is labelled a lesion when at least 30 % of its voxels lie on counted truth lesions,
 a mimic when none do; candidates touching only uncounted (sub-threshold) truth lesions or
