@@ -91,9 +91,9 @@ def _datasets(root: Path, seeds, stress_seeds, subjects, weeks, real_seeds=(), r
                           seed=seed, stress=stress, size="full", activity=activity,
                           p_post_only=p_post_only, juxtacortical=juxtacortical)
         out.append(base)
-    for seed, mean_lesions in real_seeds:
+    if real_seeds:
         from lesionpipe.realtrial import write_real_trial
-
+    for seed, mean_lesions in real_seeds:
         base = root / f"real{seed}_m{mean_lesions:g}"
         if not (base / "bids").exists():
             write_real_trial(real_anatomy, base / "bids", base / "truth", n_subjects=subjects,

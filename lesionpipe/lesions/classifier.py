@@ -212,20 +212,31 @@ def train_trees(table: pd.DataFrame, labels: np.ndarray, *, n_trees: int = 300, 
         init, rate_out, dtype = float(np.ravel(clf._baseline_prediction)[0]), 1.0, "float64"
         meta["monotone"] = {n: c for n, c in zip(names, cst) if c}
     else:
-        from sklearn.ensemble import GradientBoostingClassifier
-
-        clf = GradientBoostingClassifier(n_estimators=n_trees, max_depth=depth,
-                                         learning_rate=rate, min_samples_leaf=min_leaf,
-                                         subsample=0.8, random_state=seed).fit(x, y)
-        trees = [_plain_tree(est.tree_) for est in clf.estimators_[:, 0]]
+        clf, trees = _fit_plain(x, y, n_trees=n_trees, depth=depth, rate=rate,
+                                min_leaf=min_leaf, seed=seed)
         prior = float(np.clip(y.mean(), 1e-6, 1 - 1e-6))
         init, rate_out, dtype = float(np.log(prior / (1 - prior))), rate, "float32"
     model = TreeModel(names=names, init=init, rate=rate_out, trees=trees, info=meta, dtype=dtype)
-    # the exported model must reproduce scikit-learn's own decision function
-    ref = clf.decision_function(x[:200])
-    if not np.allclose(model.log_odds(x[:200]), ref, atol=1e-3):
-        raise RuntimeError("exported trees disagree with scikit-learn's decision function")
+    _check_export(model, clf, x[:200])
     return model
+
+
+def _fit_plain(x, y, *, n_trees, depth, rate, min_leaf, seed, init=None):
+    """scikit-learn's plain gradient boosting as the shipped models are fitted; its trees in
+    :class:`TreeModel`'s layout (leaf values without the learning rate)."""
+    from sklearn.ensemble import GradientBoostingClassifier
+
+    clf = GradientBoostingClassifier(n_estimators=n_trees, max_depth=depth, learning_rate=rate,
+                                     min_samples_leaf=min_leaf, subsample=0.8,
+                                     random_state=seed, init=init).fit(x, y)
+    return clf, [_plain_tree(est.tree_) for est in clf.estimators_[:, 0]]
+
+
+def _check_export(model: TreeModel, clf, x: np.ndarray, where=None) -> None:
+    """The exported model must reproduce scikit-learn's own decision function (on ``where``)."""
+    where = slice(None) if where is None else where
+    if not np.allclose(model.log_odds(x)[where], clf.decision_function(x)[where], atol=1e-3):
+        raise RuntimeError("exported trees disagree with scikit-learn's decision function")
 
 
 def continue_trees(base: TreeModel, table: pd.DataFrame, labels: np.ndarray, *,
@@ -238,7 +249,6 @@ def continue_trees(base: TreeModel, table: pd.DataFrame, labels: np.ndarray, *,
     ones. ``base`` must be a plain (not monotone) trees model; the new trees read its features.
     """
     from sklearn.base import BaseEstimator, ClassifierMixin
-    from sklearn.ensemble import GradientBoostingClassifier
 
     if base.dtype != "float32":
         raise ValueError("continue_trees: the base model must be plain boosted trees (float32)")
@@ -255,25 +265,17 @@ def continue_trees(base: TreeModel, table: pd.DataFrame, labels: np.ndarray, *,
 
     x = feature_matrix(table, base.names)
     y = np.asarray(labels, int)
-    clf = GradientBoostingClassifier(n_estimators=n_trees, max_depth=depth, learning_rate=rate,
-                                     min_samples_leaf=min_leaf, subsample=0.8, random_state=seed,
-                                     init=_Base()).fit(x, y)
+    clf, new = _fit_plain(x, y, n_trees=n_trees, depth=depth, rate=rate, min_leaf=min_leaf,
+                          seed=seed, init=_Base())
     scale = rate / base.rate        # the model has one rate: the new leaves carry the ratio
-    new = []
-    for est in clf.estimators_[:, 0]:
-        tree = _plain_tree(est.tree_)
+    for tree in new:
         tree["value"] = [round(v * scale, 6) for v in tree["value"]]
-        new.append(tree)
     meta = {**base.info, "continued": {**(info or {}), "n_trees": n_trees, "depth": depth,
                                        "rate": rate, "min_leaf": min_leaf}}
     model = TreeModel(names=base.names, init=base.init, rate=base.rate, trees=base.trees + new,
                       info=meta, dtype=base.dtype)
     # scikit-learn clips the starting probability at float32's eps: compare where it does not
-    start = base.log_odds(x[:500])
-    ok = np.abs(start) < 15.0
-    ref = clf.decision_function(x[:500])
-    if not np.allclose(model.log_odds(x[:500])[ok], ref[ok], atol=1e-3):
-        raise RuntimeError("continued trees disagree with scikit-learn's decision function")
+    _check_export(model, clf, x[:500], where=np.abs(base.log_odds(x[:500])) < 15.0)
     return model
 
 
