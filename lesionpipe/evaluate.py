@@ -76,6 +76,8 @@ def _visit_files(output_dir: Path, sub: str, ses: str) -> dict:
         "mask": anat / f"{stem}_ce-gadolinium_space-orig_label-GEL_mask.nii.gz",
         "post": anat / f"{stem}_ce-gadolinium_space-orig_desc-preproc_T1w.nii.gz",
         "pre": anat / f"{stem}_space-orig_desc-preproc_T1w.nii.gz",
+        "candidates": anat / f"{stem}_ce-gadolinium_space-orig_desc-candidates_dseg.nii.gz",
+        "candidate_table": anat / f"{stem}_ce-gadolinium_space-orig_desc-candidates_table.tsv",
     }
 
 
@@ -198,6 +200,9 @@ class EvaluationReport:
         if o["fp_by_mimic"]:
             lines.append("  false positives on: "
                          + ", ".join(f"{k} {v}" for k, v in o["fp_by_mimic"].items()))
+        if o.get("miss_causes"):
+            lines.append("  misses (processed visits) by cause: "
+                         + "; ".join(f"{k} {v}" for k, v in o["miss_causes"].items()))
         for name, table in m["breakdown"].items():
             lines.append(f"  by {name}:")
             for key, row in table.items():
@@ -307,11 +312,13 @@ def evaluate_outputs(output_dir, truth_dir, *, out_dir=None, bids_dir=None,
             mimics = _mimic_image(truth_dir, sub, ses, truth.shape)
             vox = float(np.prod(t_img.header.get_zooms()[:3]))
             p_com = _centres(pred, [r["label"] for r in m["pred"]])
+            cands = _CandidateLookup(files["candidates"], files["candidate_table"], truth.shape)
             for r in m["truth"]:
                 info = tinfo.get(r["label"], {})
                 row = _truth_row(sub, ses, tc, info, r)
                 lesion_rows.append(row)
                 if r["counted"] and not r["detected"]:
+                    row["miss_cause"], row["miss_candidate_mm3"] = cands.cause(truth == r["label"], vox)
                     crops.append(("miss", sub, ses, _centres(truth, [r["label"]])[r["label"]], row))
             for r in m["pred"]:
                 cls = "n/a"
@@ -326,7 +333,8 @@ def evaluate_outputs(output_dir, truth_dir, *, out_dir=None, bids_dir=None,
                        "has_pre": vrow["has_pre"], "visit_status": "ok", "detected": None,
                        "detected_strict": None, "n_overlapping": r["n_truth_overlapping"],
                        "overlap_fraction": None, "split": None, "merged": r["merged"],
-                       "pred_status": r["status"], "fp_on": cls if r["status"] == "fp" else None}
+                       "pred_status": r["status"], "fp_on": cls if r["status"] == "fp" else None,
+                       "miss_cause": None, "miss_candidate_mm3": None}
                 lesion_rows.append(row)
                 if r["status"] == "fp":
                     crops.append(("false positive", sub, ses, p_com[r["label"]], row))
@@ -373,7 +381,38 @@ def _truth_row(sub, ses, tc, info, r) -> dict:
             "grid": tc.get("grid", ""), "has_pre": int(tc.get("has_pre", "0") == "1"), "visit_status": "ok",
             "detected": int(r["detected"]), "detected_strict": int(r["detected_strict"]),
             "n_overlapping": r["n_pred_overlapping"], "overlap_fraction": r["overlap_fraction"],
-            "split": int(r["split"]), "merged": None, "pred_status": None, "fp_on": None}
+            "split": int(r["split"]), "merged": None, "pred_status": None, "fp_on": None,
+            "miss_cause": None, "miss_candidate_mm3": None}
+
+
+class _CandidateLookup:
+    """Why the pipeline dropped a truth lesion, from its candidate image and table (if written).
+
+    The candidate the lesion overlaps most gives the cause: its rejection reason (a classifier
+    rejection as ``classifier``), or ``no candidate`` when no candidate touches the lesion.
+    """
+
+    def __init__(self, image: Path, table: Path, shape):
+        self.labels = self.reasons = None
+        if image.exists() and table.exists():
+            labels, _ = _load_labels(image)
+            if labels.shape == tuple(shape):
+                self.labels = labels
+                self.reasons = [r.get("reason", "") or "" for r in _read_tsv(table)]
+
+    def cause(self, lesion: np.ndarray, voxel_mm3: float) -> tuple[str, float | None]:
+        if self.labels is None:
+            return "n/a", None
+        vals = self.labels[lesion]
+        vals = vals[vals > 0]
+        if not vals.size:
+            return "no candidate", None
+        k = int(np.bincount(vals).argmax())
+        size = round(float((self.labels == k).sum()) * voxel_mm3, 1)
+        reason = self.reasons[k - 1] if k <= len(self.reasons) else "n/a"
+        if reason.startswith("classifier"):
+            return "classifier", size
+        return reason or "accepted, lost to a neighbour", size
 
 
 def _centres(labels: np.ndarray, ids: list[int]) -> dict[int, tuple]:
@@ -391,6 +430,14 @@ def _mimic_image(truth_dir: Path, sub: str, ses: str, shape) -> np.ndarray | Non
     return data if data.shape == tuple(shape) else None
 
 
+def _tally(values) -> dict:
+    out: dict = {}
+    for v in values:
+        if v is not None:
+            out[v] = out.get(v, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def _metrics(visits: list[dict], rows: list[dict], pooled) -> dict:
     ok = [v for v in visits if v["status"] == "ok"]
     truth = [r for r in rows if r["source"] == "truth" and r["counted"]]
@@ -400,10 +447,6 @@ def _metrics(visits: list[dict], rows: list[dict], pooled) -> dict:
     errs = [v["count_error"] for v in visits if v["count_error"] is not None]
     all_errs = [v["count_error"] if v["count_error"] is not None else None for v in visits]
     dices = [v["dice"] for v in ok if v["dice"] is not None]
-    fp_mimic: dict[str, int] = {}
-    for r in preds:
-        if r["pred_status"] == "fp":
-            fp_mimic[r["fp_on"]] = fp_mimic.get(r["fp_on"], 0) + 1
     overall = {
         "n_truth_lesions": len(truth), "n_pred_lesions": len(preds),
         "sensitivity": (sum(r["detected"] for r in truth) / len(truth)) if truth else None,
@@ -427,7 +470,8 @@ def _metrics(visits: list[dict], rows: list[dict], pooled) -> dict:
                                   sorted(zip(*np.unique(errs, return_counts=True)))} if errs else {},
         "n_split": sum(r["split"] for r in truth),
         "n_merged": sum(bool(r["merged"]) for r in preds),
-        "fp_by_mimic": dict(sorted(fp_mimic.items(), key=lambda kv: -kv[1])),
+        "fp_by_mimic": _tally(r["fp_on"] for r in preds if r["pred_status"] == "fp"),
+        "miss_causes": _tally(r.get("miss_cause") for r in truth_ok if not r["detected"]),
     }
     breakdown: dict[str, dict] = {}
     vb = {}

@@ -128,6 +128,33 @@ def test_known_answers(folders, tmp_path):
     assert "sensitivity" in text and "50.0%" in text and "by grid" in text
 
 
+def test_miss_cause_from_the_candidates(folders, tmp_path):
+    """A miss is traced to the candidate it overlaps most, and its rejection reason."""
+    out, truth, t, p = folders
+    anat = out / "sub-01" / "ses-w08" / "anat"
+    cand = np.zeros(SHAPE, int)
+    cand[5:8, 5:8, 5] = 1                    # 9 voxels of the lesion: rejected by the classifier
+    cand[5:8, 5:8, 6:8] = 2                  # 18 voxels of it: too faint (the larger overlap)
+    cand[15, 15, 2] = 3
+    _nii(anat / "sub-01_ses-w08_ce-gadolinium_space-orig_desc-candidates_dseg.nii.gz", cand)
+    _tsv(anat / "sub-01_ses-w08_ce-gadolinium_space-orig_desc-candidates_table.tsv",
+         [{"n_voxels": 9, "reason": "classifier: p = 0.12"}, {"n_voxels": 18, "reason": "faint"},
+          {"n_voxels": 1, "reason": ""}], ["n_voxels", "reason"])
+    rep = evaluate_outputs(out, truth, out_dir=tmp_path / "ev")
+    assert rep.metrics["overall"]["miss_causes"] == {"faint": 1}
+    miss = [r for r in rep.lesions if r["source"] == "truth" and r["session_id"] == "ses-w08"][0]
+    assert miss["miss_candidate_mm3"] == 18.0
+    cand[5:8, 5:8, 6:8] = 1
+    _nii(anat / "sub-01_ses-w08_ce-gadolinium_space-orig_desc-candidates_dseg.nii.gz", cand)
+    rep = evaluate_outputs(out, truth, out_dir=tmp_path / "ev")
+    assert rep.metrics["overall"]["miss_causes"] == {"classifier": 1}
+    assert "by cause: classifier 1" in rep.summary_text()
+    cand[cand == 1] = 0
+    _nii(anat / "sub-01_ses-w08_ce-gadolinium_space-orig_desc-candidates_dseg.nii.gz", cand)
+    rep = evaluate_outputs(out, truth, out_dir=tmp_path / "ev")
+    assert rep.metrics["overall"]["miss_causes"] == {"no candidate": 1}
+
+
 def test_binary_mask_is_labelled(folders, tmp_path):
     out, truth, t, p = folders
     anat = out / "sub-01" / "ses-w00" / "anat"
