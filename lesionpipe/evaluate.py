@@ -389,7 +389,7 @@ class _CandidateLookup:
     """Why the pipeline dropped a truth lesion, from its candidate image and table (if written).
 
     The candidate the lesion overlaps most gives the cause: its rejection reason (a classifier
-    rejection as ``classifier``), or ``no candidate`` when no candidate touches the lesion.
+    rejection as ``classifier: p = ...``), or ``no candidate`` when no candidate touches the lesion.
     """
 
     def __init__(self, image: Path, table: Path, shape):
@@ -410,8 +410,6 @@ class _CandidateLookup:
         k = int(np.bincount(vals).argmax())
         size = round(float((self.labels == k).sum()) * voxel_mm3, 1)
         reason = self.reasons[k - 1] if k <= len(self.reasons) else "n/a"
-        if reason.startswith("classifier"):
-            return "classifier", size
         return reason or "accepted, lost to a neighbour", size
 
 
@@ -471,7 +469,9 @@ def _metrics(visits: list[dict], rows: list[dict], pooled) -> dict:
         "n_split": sum(r["split"] for r in truth),
         "n_merged": sum(bool(r["merged"]) for r in preds),
         "fp_by_mimic": _tally(r["fp_on"] for r in preds if r["pred_status"] == "fp"),
-        "miss_causes": _tally(r.get("miss_cause") for r in truth_ok if not r["detected"]),
+        # the classifier's probability stays in evaluation_lesions.tsv, not in the tally
+        "miss_causes": _tally((r.get("miss_cause") or "").split(":")[0] or None
+                              for r in truth_ok if not r["detected"]),
     }
     breakdown: dict[str, dict] = {}
     vb = {}
