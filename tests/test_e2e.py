@@ -129,3 +129,30 @@ def test_rerun_reuses_finished_visits(batch):
     assert result.stat().st_mtime_ns == stamp     # cached, not recomputed
     counts = pd.read_csv(batch["out"] / "gel_counts.tsv", sep="\t")
     assert set(counts.participant_id) == {"sub-01"}
+
+
+def test_redetect_script_reruns_detection_on_the_cache(batch, tmp_path, monkeypatch):
+    """scripts/redetect.py: the detection step again on the cached inputs, with changed settings."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    import redetect
+    changes = tmp_path / "strict.toml"
+    changes.write_text("min_probability = 0.99\nmin_probability_post_only = 0.99\n")
+    out = tmp_path / "re"
+    assert redetect.main([str(batch["work"]), str(out), "--settings", str(changes),
+                          "--nprocs", "2"]) == 0
+    new = pd.read_csv(out / "gel_counts.tsv", sep="\t").set_index(["participant_id", "session_id"])
+    old = pd.read_csv(batch["out"] / "gel_counts.tsv", sep="\t")
+    old = old[old.status == "ok"].set_index(["participant_id", "session_id"])
+    # every sample visit; the two broken ones never reached detection (an earlier test may have
+    # re-run sub-01 alone into the batch's gel_counts.tsv)
+    assert len(new) == 9 and not {"sub-98", "sub-99"} & set(new.index.get_level_values(0))
+    assert set(old.index) <= set(new.index)
+    assert (new.gel_count.loc[old.index] <= old.gel_count).all()
+    for (sub, ses), _ in new.iterrows():
+        name = f"{sub}/{ses}/anat/{sub}_{ses}_ce-gadolinium_space-orig_desc-candidates_table.tsv"
+        before = pd.read_csv(batch["out"] / name, sep="\t")
+        after = pd.read_csv(out / name, sep="\t")
+        # same candidates and probabilities (same code, same cached inputs); a stricter decision
+        assert len(before) == len(after)
+        assert np.allclose(before["probability"].fillna(-1), after["probability"].fillna(-1))
+        assert not (after.decision.eq("accept") & (after.probability < 0.99)).any()
