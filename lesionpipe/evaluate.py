@@ -593,7 +593,8 @@ def _html(report: EvaluationReport, crops, n_crops_total, output_dir, truth_dir,
         post, pre, truth, pred = cache[key]
         desc = (f"{kind}: {sub} {ses} lesion {row['lesion_id']}, {row['volume_mm3']} mm3"
                 + (f", enhancement {row['enhancement_pct']}%, {row['kind']}" if kind == "miss" else
-                   f", on {row['fp_on']}"))
+                   f", on {row['fp_on']}")
+                + (f"; lost: {row['miss_cause']}" if row.get("miss_cause") not in (None, "n/a") else ""))
         if post is None or post.shape != (truth.shape if truth is not None else post.shape):
             parts.append(f"<figure><figcaption>{html.escape(desc)} (no image available)"
                          "</figcaption></figure>")

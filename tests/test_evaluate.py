@@ -150,6 +150,7 @@ def test_miss_cause_from_the_candidates(folders, tmp_path):
     assert rep.metrics["overall"]["miss_causes"] == {"classifier": 1}
     assert "by cause: classifier 1" in rep.summary_text()
     assert [r["miss_cause"] for r in rep.lesions if r["session_id"] == "ses-w08"] == ["classifier: p = 0.12"]
+    assert "lost: classifier: p = 0.12" in (tmp_path / "ev" / "evaluation.html").read_text()
     cand[cand == 1] = 0
     _nii(anat / "sub-01_ses-w08_ce-gadolinium_space-orig_desc-candidates_dseg.nii.gz", cand)
     rep = evaluate_outputs(out, truth, out_dir=tmp_path / "ev")
