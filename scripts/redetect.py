@@ -6,8 +6,8 @@ inputs, not on the code, so after a change to ``lesionpipe.lesions`` a re-run of
 run`` on the same work dir would reuse the old detection. This script runs the detection step
 (``DetectGEL``) again on each visit's cached inputs (normalised images, masks, settings) and
 writes what ``lesionpipe evaluate`` reads: the lesion labels, the candidate image and table, and
-``gel_counts.tsv``. Preprocessing is not repeated: 36 real-brain visits take about 8 minutes on
-two cores instead of 25::
+``gel_counts.tsv``. Preprocessing is not repeated: 36 real-brain visits took 10-13 minutes on
+two cores shared with another pipeline run (the whole pipeline: about 20 minutes)::
 
     lesionpipe run BIDS OUT -w WORK --no-reports            # once
     python scripts/redetect.py WORK OUT2 [--settings changes.toml] [--nprocs 2]
