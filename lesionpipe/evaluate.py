@@ -26,6 +26,7 @@ import html
 import io
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -393,14 +394,24 @@ class _CandidateLookup:
     """
 
     def __init__(self, image: Path, table: Path, shape):
-        self.labels = self.reasons = None
+        self.paths, self.shape = (image, table), tuple(shape)
+        self.loaded = False
+        self.labels = self.sizes = self.reasons = None
+
+    def _load(self) -> None:
+        """Read the files once, at the visit's first miss (a visit without misses reads none)."""
+        self.loaded = True
+        image, table = self.paths
         if image.exists() and table.exists():
             labels, _ = _load_labels(image)
-            if labels.shape == tuple(shape):
+            if labels.shape == self.shape:
                 self.labels = labels
+                self.sizes = np.bincount(labels.ravel())
                 self.reasons = [r.get("reason", "") or "" for r in _read_tsv(table)]
 
     def cause(self, lesion: np.ndarray, voxel_mm3: float) -> tuple[str, float | None]:
+        if not self.loaded:
+            self._load()
         if self.labels is None:
             return "n/a", None
         vals = self.labels[lesion]
@@ -408,7 +419,7 @@ class _CandidateLookup:
         if not vals.size:
             return "no candidate", None
         k = int(np.bincount(vals).argmax())
-        size = round(float((self.labels == k).sum()) * voxel_mm3, 1)
+        size = round(float(self.sizes[k]) * voxel_mm3, 1)
         reason = self.reasons[k - 1] if k <= len(self.reasons) else "n/a"
         return reason or "accepted, lost to a neighbour", size
 
@@ -429,11 +440,8 @@ def _mimic_image(truth_dir: Path, sub: str, ses: str, shape) -> np.ndarray | Non
 
 
 def _tally(values) -> dict:
-    out: dict = {}
-    for v in values:
-        if v is not None:
-            out[v] = out.get(v, 0) + 1
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+    """Count of each value (None left out), most frequent first."""
+    return dict(Counter(v for v in values if v is not None).most_common())
 
 
 def _metrics(visits: list[dict], rows: list[dict], pooled) -> dict:
