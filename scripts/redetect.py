@@ -41,6 +41,7 @@ def _one(job: tuple[Path, Path, str]) -> tuple[str, str, int, bool]:
     import numpy as np
     from nipype.utils.filemanip import loadpkl
 
+    from lesionpipe.evaluate import _visit_files
     from lesionpipe.imageio import atomic_save_nifti, atomic_write_text, like_image
     from lesionpipe.interfaces.visit import DetectGEL
     from lesionpipe.settings import Settings
@@ -60,14 +61,12 @@ def _one(job: tuple[Path, Path, str]) -> tuple[str, str, int, bool]:
         finally:
             os.chdir(cwd)
         src = nb.load(inputs["source_file"])
-        anat = out / sub / ses / "anat"
-        anat.mkdir(parents=True, exist_ok=True)
-        stem = anat / f"{sub}_{ses}_ce-gadolinium_space-orig_"
-        for name, path in (("label-GEL_dseg", res.labels),
-                           ("desc-candidates_dseg", res.candidate_labels)):
+        files = _visit_files(out, sub, ses)      # the names lesionpipe evaluate reads
+        files["dseg"].parent.mkdir(parents=True, exist_ok=True)
+        for key, path in (("dseg", res.labels), ("candidates", res.candidate_labels)):
             data = np.asanyarray(nb.load(path).dataobj).astype(np.int32)
-            atomic_save_nifti(like_image(data, src), Path(f"{stem}{name}.nii.gz"))
-        atomic_write_text(Path(f"{stem}desc-candidates_table.tsv"), Path(res.candidates).read_text())
+            atomic_save_nifti(like_image(data, src), files[key])
+        atomic_write_text(files["candidate_table"], Path(res.candidates).read_text())
     return sub, ses, int(res.n_lesions), "pre_file" in inputs
 
 
