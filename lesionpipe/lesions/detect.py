@@ -168,6 +168,7 @@ def detect_lesions(post_n: np.ndarray, zooms, brain: np.ndarray, settings: Setti
                 # a piece of a larger enhancing structure (vessel tree, plexus) vs on its own
                 feats["parent_ratio"] = comp_n / max(feats["n_voxels"], 1)
                 feats["attached"] = float(attached)
+                feats.update(surround_features(coords, enh_s, zooms))
                 reason = _hard_reject(feats, settings) if model else _reject_reason(feats, settings)
             feats["split"] = how
             feats["reason"] = reason
@@ -590,6 +591,52 @@ def _shape_context_features(piece, sl, enh, csf, ventricles, brain, ref, zooms) 
         "shell_ref_mean": float(shell_ref.mean()) if shell_ref.size else 0.0,
         # share of the surroundings that reads as white matter (normalised > 85)
         "shell_wm": float((shell_ref > 85.0).mean()) if shell_ref.size else 0.0,
+    }
+
+
+def surround_features(coords: np.ndarray, enh_s: np.ndarray, zooms, *, shell_mm: float = 2.0,
+                      ring_mm: float = 5.0) -> dict:
+    """How much of a candidate's surroundings is as bright as half its peak (on ``enh_s``).
+
+    ``coords``: the candidate's voxel indices. A piece cut out of a vessel or a dural fold goes on
+    beyond its own voxels, so part of its ``shell_mm`` shell and of the ring out to ``ring_mm``
+    is still at half its peak or above, and the bright part of its shell is one patch per place
+    the structure leaves it (two for a vessel passing through). A lesion stands alone: its
+    surroundings fall below half its peak all round, whatever else the low hysteresis level joins
+    it to. Returns ``shell_bright`` and ``ring_bright`` (shares at or above half the peak),
+    ``shell_exits`` (bright patches of the shell) and ``ring_p90`` (90th percentile of the ring
+    over the peak).
+
+    A ball on its own against a piece of the same size cut out of a vessel running through:
+
+    >>> g = np.indices((31, 21, 21)) - 10.0
+    >>> blob = 40 * np.exp(-((g[0] - 5) ** 2 + g[1] ** 2 + g[2] ** 2) / 4.0)
+    >>> rod = 40 * np.exp(-(g[1] ** 2 + g[2] ** 2) / 2.0)
+    >>> alone = surround_features(np.argwhere(blob > 20), blob, (1, 1, 1))
+    >>> piece = surround_features(np.argwhere((rod > 20) & (np.abs(g[0] - 5) <= 2)), rod, (1, 1, 1))
+    >>> alone["shell_exits"], piece["shell_exits"], alone["ring_bright"] == 0 < piece["ring_bright"]
+    (0, 2, True)
+    """
+    zooms = np.asarray(zooms, float)
+    pad = np.ceil(ring_mm / zooms).astype(int) + 1
+    lo_c = np.maximum(coords.min(axis=0) - pad, 0)
+    hi_c = np.minimum(coords.max(axis=0) + pad + 1, enh_s.shape)
+    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo_c, hi_c))
+    piece = np.zeros(tuple(hi_c - lo_c), bool)
+    piece[tuple((coords - lo_c).T)] = True
+    values = enh_s[sl]
+    half = 0.5 * float(values[piece].max())
+    near = ndi.binary_dilation(piece, structure=ball(shell_mm, zooms))
+    shell = near & ~piece
+    ring = ndi.binary_dilation(piece, structure=ball(ring_mm, zooms)) & ~near
+    bright = values >= half
+    exits = ndi.label(shell & bright, structure=np.ones((3, 3, 3), bool))[1]
+    return {
+        "shell_bright": float((shell & bright).sum() / max(int(shell.sum()), 1)),
+        "ring_bright": float((ring & bright).sum() / max(int(ring.sum()), 1)),
+        "shell_exits": int(exits),
+        "ring_p90": float(np.percentile(values[ring], 90) / max(2.0 * half, 1e-6))
+        if ring.any() else 0.0,
     }
 
 
