@@ -178,7 +178,9 @@ def _synthetic_candidates(n, seed):
         "has_pre": rng.random(n) < 0.5, "ref_mean": rng.uniform(60, 140, n),
         "slice_mm": rng.choice([1.0, 3.0], n), "peak_pct": rng.uniform(15, 100, n),
         "thickness_mm": rng.uniform(1, 8, n), "max_depth_mm": rng.uniform(3, 30, n),
-        "shell_ref_mean": rng.uniform(60, 120, n)})
+        "shell_ref_mean": rng.uniform(60, 120, n), "shell_bright": rng.uniform(0, 0.3, n),
+        "ring_bright": rng.uniform(0, 0.3, n), "shell_exits": rng.integers(0, 3, n),
+        "ring_p90": rng.uniform(0, 0.6, n)})
     return table, y.astype(int)
 
 
@@ -228,10 +230,10 @@ def test_monotone_trees_follow_their_directions_whatever_the_data_say(tmp_path):
 
 def test_continued_trees_learn_what_the_base_model_gets_wrong(tmp_path):
     pytest.importorskip("sklearn")
-    from lesionpipe.lesions.classifier import continue_trees, load_model, train_trees
+    from lesionpipe.lesions.classifier import FEATURES, continue_trees, load_model, train_trees
 
     table, y = _synthetic_candidates(1500, 0)
-    base = train_trees(table, y, n_trees=60)
+    base = train_trees(table, y, n_trees=60, names=[n for n in FEATURES if n != "ring_bright"])
     # another kind of scan: here thick candidates are mimics, which the base data never showed
     other, y_other = _synthetic_candidates(1500, 2)
     y_other = np.where(other["thickness_mm"] > 6, 0, y_other)
@@ -245,6 +247,16 @@ def test_continued_trees_learn_what_the_base_model_gets_wrong(tmp_path):
         return ((m.probability(test) >= 0.5) == (y_test == 1)).mean()
 
     assert accuracy(model) > accuracy(base) + 0.03
+    # a further stage may read a feature the earlier ones did not: their trees are kept as they
+    # are and each stage keeps its record
+    for t, labels, seed in ((other, y_other, 5), (test, y_test, 6)):
+        t["ring_bright"] = np.where(labels == 1, 0.0, 0.6) + np.random.default_rng(seed).normal(
+            0, 0.2, len(t))
+    third = continue_trees(model, other, y_other, n_trees=30, extra_names=["ring_bright"])
+    assert third.names == model.names + ("ring_bright",) and third.trees[:120] == model.trees
+    assert third.info["continued"]["n_trees"] == 60
+    assert third.info["continued_2"]["extra_features"] == ["ring_bright"]
+    assert accuracy(third) > accuracy(model) + 0.03
     path = tmp_path / "continued.json"
     model.to_json(path)
     np.testing.assert_allclose(load_model(path).probability(test), model.probability(test),

@@ -54,6 +54,12 @@ FEATURES = {
     "ref_mean": lambda d: d["ref_mean"].clip(0.0, 250.0),
     "shell_ref_mean": lambda d: d["shell_ref_mean"].clip(0.0, 250.0),
     "attached": lambda d: d["attached"].astype(float) if "attached" in d else np.zeros(len(d)),
+    # surroundings at half the candidate's peak (lesionpipe.lesions.detect.surround_features):
+    # a piece of a vessel or fold goes on beyond itself, a lesion stands alone
+    "shell_bright": lambda d: d["shell_bright"],
+    "ring_bright": lambda d: d["ring_bright"],
+    "shell_exits": lambda d: d["shell_exits"].clip(upper=6),
+    "ring_p90": lambda d: d["ring_p90"].clip(-1.0, 2.0),
 }
 
 
@@ -67,6 +73,7 @@ MONOTONE = {
     "log_elongation": -1, "log_flatness": -1, "log_tubularity": -1, "blobness": +1,
     "log_parent_ratio": -1, "shell_csf": -1, "shell_outside": -1, "ventricle_frac": -1,
     "shell_wm": +1, "pre_level": +1, "thickness_mm": +1, "attached": -1,
+    "shell_bright": -1, "ring_bright": -1, "shell_exits": -1, "ring_p90": -1,
 }
 
 
@@ -241,12 +248,15 @@ def _check_export(model: TreeModel, clf, x: np.ndarray, where=None) -> None:
 
 def continue_trees(base: TreeModel, table: pd.DataFrame, labels: np.ndarray, *,
                    n_trees: int = 100, depth: int = 3, rate: float | None = None,
-                   min_leaf: int = 20, seed: int = 0, info: dict | None = None) -> TreeModel:
+                   min_leaf: int = 20, seed: int = 0, info: dict | None = None,
+                   extra_names=()) -> TreeModel:
     """``base`` boosted further on new candidates (e.g. scans of another kind of anatomy).
 
     The new trees start from ``base``'s log-odds, so they learn only what ``base`` gets wrong on
     the new data, and the result is one :class:`TreeModel`: ``base``'s trees followed by the new
-    ones. ``base`` must be a plain (not monotone) trees model; the new trees read its features.
+    ones. ``base`` must be a plain (not monotone) trees model. The new trees read its features and
+    ``extra_names``, features it did not read, appended after its own (so its trees, which address
+    features by position, are unchanged).
     """
     from sklearn.base import BaseEstimator, ClassifierMixin
 
@@ -263,16 +273,25 @@ def continue_trees(base: TreeModel, table: pd.DataFrame, labels: np.ndarray, *,
             p = 1.0 / (1.0 + np.exp(-base.log_odds(x)))
             return np.column_stack([1.0 - p, p])
 
-    x = feature_matrix(table, base.names)
+    extra = tuple(n for n in feature_names(extra_names) if n not in base.names)
+    names = tuple(base.names) + extra
+    x = feature_matrix(table, names)
     y = np.asarray(labels, int)
     clf, new = _fit_plain(x, y, n_trees=n_trees, depth=depth, rate=rate, min_leaf=min_leaf,
                           seed=seed, init=_Base())
     scale = rate / base.rate        # the model has one rate: the new leaves carry the ratio
     for tree in new:
         tree["value"] = [round(v * scale, 6) for v in tree["value"]]
-    meta = {**base.info, "continued": {**(info or {}), "n_trees": n_trees, "depth": depth,
-                                       "rate": rate, "min_leaf": min_leaf}}
-    model = TreeModel(names=base.names, init=base.init, rate=base.rate, trees=base.trees + new,
+    stage = {**(info or {}), "n_trees": n_trees, "depth": depth, "rate": rate,
+             "min_leaf": min_leaf, "extra_features": list(extra)}
+    # each continuation keeps the record of those before it: "continued" is the first,
+    # "continued_2" the second, ...
+    key, k = "continued", 1
+    while key in base.info:
+        k += 1
+        key = f"continued_{k}"
+    meta = {**base.info, key: stage}
+    model = TreeModel(names=names, init=base.init, rate=base.rate, trees=base.trees + new,
                       info=meta, dtype=base.dtype)
     # scikit-learn clips the starting probability at float32's eps: compare where it does not
     _check_export(model, clf, x[:500], where=np.abs(base.log_odds(x[:500])) < 15.0)
