@@ -13,20 +13,32 @@ A seed may carry the dataset's lesion activity, share of post-only visits and sh
 lesions placed juxtacortically, ``SEED[:ACTIVITY[:P[:JUXTACORTICAL]]]`` (see ``lesionpipe phantoms
 --activity --juxtacortical``); ``--real-seeds SEED[:MEAN_LESIONS]`` adds trials drawn on the real
 brain of ``--real-anatomy`` (``lesionpipe phantoms --real-anatomy``). The shipped model is built in
-two stages. The first (``lesionpipe/data/gel_classifier_phantoms.json``) was trained on 8 subjects
+three stages. The first (``lesionpipe/data/gel_classifier_phantoms.json``) was trained on 8 subjects
 x weeks 0/4/12 of each of ``--seeds 301 302:4 303:4:0.6 304:4:0.8 311 312:2 313:4:0.6
 314:2:0.5:0.6 --peel-flank-mm 3`` (the defaults here; 192 visits, 558 lesion candidates, 51269
 mimics), on candidates peeled as the detector peels them (``Settings.peel_flank_mm``). The second
-continues it with 100 trees on what it gets wrong on trials of the real brain::
+(``lesionpipe/data/gel_classifier_real.json``) continues it with 100 trees on what it gets wrong
+on trials of the real brain::
 
     python scripts/train_classifier.py TRAIN2 --seeds 315:4:0.5 --real-seeds 41001:5 41002:5 \
         --real-anatomy ../shared/real_scans/open_ms_patient07 \
         --base-model lesionpipe/data/gel_classifier_phantoms.json --n-trees 100
 
-(72 visits, 292 lesion candidates; docs/evaluation.md, last section). The first stage's thresholds
-(``Settings.min_probability``, ``min_probability_post_only``: 0.4 and 0.4) are the highest
-cross-validated candidate sensitivity at no more than 0.2 false positives per visit with a
-pre-contrast scan and 0.5 without; the second stage keeps them. The earlier model (the first
+(72 visits, 292 lesion candidates). The third (``lesionpipe/data/gel_classifier.json``) continues
+the second with 100 trees that also read four features of a candidate's surroundings
+(``lesionpipe.lesions.detect.surround_features``), on the four sets of ``lesionpipe phantoms``
+drawn for the evaluation of the second (real-brain seeds 40001 and 40002, geometric seeds 30101
+and 30102 at activity 2; 132 visits, 380 lesion candidates), each run with ``lesionpipe run``
+into ``TRAIN3/<name>/out`` beside its ``truth``::
+
+    python scripts/train_classifier.py TRAIN3 --reuse \
+        --base-model lesionpipe/data/gel_classifier_real.json \
+        --extra-features shell_bright ring_bright shell_exits ring_p90 --n-trees 100
+
+(docs/evaluation.md, last sections). The thresholds (``Settings.min_probability``,
+``min_probability_post_only``) are the highest cross-validated candidate sensitivity at no more
+than 0.2 false positives per visit with a pre-contrast scan and 0.5 without: 0.4 and 0.4 for the
+first stage, which the second kept; 0.5 and 0.4 for the third. The earlier model (the first
 four seeds, whole-basin candidates, 357 lesion candidates) is compared with it in
 docs/evaluation.md.
 
@@ -158,6 +170,9 @@ def main() -> int:
     ap.add_argument("--base-model", type=Path, default=None,
                     help="continue this trees model on the candidates (new trees learn what it "
                          "gets wrong) instead of fitting from scratch")
+    ap.add_argument("--extra-features", nargs="*", default=[], metavar="NAME",
+                    help="with --base-model: features the new trees read besides the base's own "
+                         "(see lesionpipe.lesions.classifier)")
     ap.add_argument("--subjects", type=int, default=8)
     ap.add_argument("--weeks", type=int, nargs="+", default=[0, 4, 12])
     ap.add_argument("--nprocs", type=int, default=2)
@@ -180,13 +195,24 @@ def main() -> int:
 
     from lesionpipe.lesions.classifier import DEFAULT_MODEL, FEATURES, train, train_trees
 
-    unknown = sorted(set(args.drop_features) - set(FEATURES))
-    if unknown:
-        ap.error(f"--drop-features: unknown {unknown} (known: {list(FEATURES)})")
+    for option in ("drop_features", "extra_features"):
+        unknown = sorted(set(getattr(args, option)) - set(FEATURES))
+        if unknown:
+            ap.error(f"--{option.replace('_', '-')}: unknown {unknown} (known: {list(FEATURES)})")
     names = [n for n in FEATURES if n not in args.drop_features]
 
     if args.real_seeds and args.real_anatomy is None:
         ap.error("--real-seeds needs --real-anatomy")
+    if args.base_model is None and args.extra_features:
+        ap.error("--extra-features continues a model: it needs --base-model")
+    if args.base_model is not None:
+        # a continued model reads its base's features (and --extra-features) and is its kind
+        given = [flag for flag, on in (("--kind logistic", args.kind != "trees"),
+                                       ("--monotone", args.monotone),
+                                       ("--drop-features", bool(args.drop_features))) if on]
+        if given:
+            ap.error(f"{', '.join(given)}: not with --base-model (the continued trees read the "
+                     "base model's features; add features with --extra-features)")
     base_model = None
     if args.base_model is not None:
         from lesionpipe.lesions.classifier import TreeModel, continue_trees, load_model
@@ -198,7 +224,7 @@ def main() -> int:
     def fit(table, labels, info=None):
         if base_model is not None:
             return continue_trees(base_model, table, labels, n_trees=args.n_trees,
-                                  depth=args.depth, info=info)
+                                  depth=args.depth, info=info, extra_names=args.extra_features)
         if args.kind == "trees":
             return train_trees(table, labels, n_trees=args.n_trees, depth=args.depth, info=info,
                                names=names, monotone=args.monotone)
