@@ -187,7 +187,7 @@ class Settings:
     classifier: str = ""
     #: a candidate passing the hard rules is a lesion when the classifier's probability is at least
     #: this (visits with a pre-contrast scan) ...
-    min_probability: float = 0.4
+    min_probability: float = 0.5
     #: ... or this (post-only visits, where more mimics stay bright and the evidence is weaker)
     min_probability_post_only: float = 0.4
     #: with a pre-contrast scan: a lesion's own pre-contrast level (% of NAWM) is at least this;
