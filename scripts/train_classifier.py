@@ -205,6 +205,7 @@ def main() -> int:
         ap.error("--real-seeds needs --real-anatomy")
     if args.base_model is None and args.extra_features:
         ap.error("--extra-features continues a model: it needs --base-model")
+    base_model = None
     if args.base_model is not None:
         # a continued model reads its base's features (and --extra-features) and is its kind
         given = [flag for flag, on in (("--kind logistic", args.kind != "trees"),
@@ -213,8 +214,6 @@ def main() -> int:
         if given:
             ap.error(f"{', '.join(given)}: not with --base-model (the continued trees read the "
                      "base model's features; add features with --extra-features)")
-    base_model = None
-    if args.base_model is not None:
         from lesionpipe.lesions.classifier import TreeModel, continue_trees, load_model
 
         base_model = load_model(args.base_model)

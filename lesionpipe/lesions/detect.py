@@ -625,7 +625,8 @@ def surround_features(coords: np.ndarray, enh_s: np.ndarray, zooms, *, shell_mm:
     piece = np.zeros(tuple(hi_c - lo_c), bool)
     piece[tuple((coords - lo_c).T)] = True
     values = enh_s[sl]
-    half = 0.5 * float(values[piece].max())
+    peak = float(values[piece].max())
+    half = 0.5 * peak
     near = ndi.binary_dilation(piece, structure=ball(shell_mm, zooms))
     shell = near & ~piece
     ring = ndi.binary_dilation(piece, structure=ball(ring_mm, zooms)) & ~near
@@ -635,7 +636,7 @@ def surround_features(coords: np.ndarray, enh_s: np.ndarray, zooms, *, shell_mm:
         "shell_bright": float((shell & bright).sum() / max(int(shell.sum()), 1)),
         "ring_bright": float((ring & bright).sum() / max(int(ring.sum()), 1)),
         "shell_exits": int(exits),
-        "ring_p90": float(np.percentile(values[ring], 90) / max(2.0 * half, 1e-6))
+        "ring_p90": float(np.percentile(values[ring], 90) / max(peak, 1e-6))
         if ring.any() else 0.0,
     }
 
