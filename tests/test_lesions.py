@@ -204,6 +204,10 @@ def test_boosted_trees_learn_exports_and_reload(tmp_path):
     assert fewer.names == ("contrast_z", "log_elongation")
     assert (fewer.info["n_trees"], fewer.info["depth"]) == (20, 3)
     assert fewer.probability(test.drop(columns=["parent_ratio", "shell_wm"])).shape == (500,)
+    # a table without a column the model reads (written by an older version) is named, not a
+    # bare KeyError
+    with pytest.raises(ValueError, match="'ring_bright'.*candidate table column 'ring_bright'"):
+        model.probability(test.drop(columns=["ring_bright"]))
 
 
 def test_monotone_trees_follow_their_directions_whatever_the_data_say(tmp_path):

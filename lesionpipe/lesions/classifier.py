@@ -85,7 +85,15 @@ def feature_names(names=None) -> tuple[str, ...]:
 def feature_matrix(table: pd.DataFrame, names=None) -> np.ndarray:
     """Features of each candidate as columns (``names``: a subset, in that order); NaN -> 0."""
     names = feature_names(names)
-    x = np.column_stack([np.asarray(FEATURES[n](table), float) for n in names])
+    columns = []
+    for n in names:
+        try:
+            columns.append(np.asarray(FEATURES[n](table), float))
+        except KeyError as err:    # a candidate table written by an older lesionpipe
+            raise ValueError(f"classifier feature {n!r} needs the candidate table column "
+                             f"{err.args[0]!r}, which this table does not have (written before "
+                             "that feature existed? re-run the detection)") from None
+    x = np.column_stack(columns)
     return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
 
 
