@@ -152,11 +152,7 @@ def detect_lesions(post_n: np.ndarray, zooms, brain: np.ndarray, settings: Setti
         for piece, how, offset, attached in pieces:
             # work in the piece's own box: a lesion peeled off a long vessel is small
             coords = np.argwhere(piece) + offset
-            lo_c = np.maximum(coords.min(axis=0) - pad, 0)
-            hi_c = np.minimum(coords.max(axis=0) + pad + 1, lab.shape)
-            sl = tuple(slice(int(a), int(b)) for a, b in zip(lo_c, hi_c))
-            piece = np.zeros(tuple(hi_c - lo_c), bool)
-            piece[tuple((coords - lo_c).T)] = True
+            sl, piece = _voxel_box(coords, pad, lab.shape)
             feats = _cheap_features(piece, sl, enh, depth, zooms, vox_vol)
             reason = _cheap_reject(feats, settings)
             if not reason:
@@ -528,6 +524,22 @@ def tube_centrelines(enh_s: np.ndarray, where: np.ndarray, zooms, *, sigma_mm: f
     return out
 
 
+def _voxel_box(coords: np.ndarray, pad, shape) -> tuple[tuple, np.ndarray]:
+    """The box around voxel indices ``coords`` grown by ``pad`` voxels (clipped to ``shape``), and
+    the voxels as a boolean mask in it.
+
+    >>> sl, m = _voxel_box(np.array([[0, 2, 2], [1, 2, 3]]), np.array([1, 1, 1]), (5, 5, 5))
+    >>> sl == (slice(0, 3), slice(1, 4), slice(1, 5)), int(m.sum()), bool(m[1, 1, 2])
+    (True, 2, True)
+    """
+    lo_c = np.maximum(coords.min(axis=0) - pad, 0)
+    hi_c = np.minimum(coords.max(axis=0) + pad + 1, shape)
+    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo_c, hi_c))
+    mask = np.zeros(tuple(hi_c - lo_c), bool)
+    mask[tuple((coords - lo_c).T)] = True
+    return sl, mask
+
+
 def _grow_box(box, pad, shape):
     return tuple(slice(max(0, s.start - p), min(dim, s.stop + p))
                  for s, p, dim in zip(box, pad, shape))
@@ -618,12 +630,7 @@ def surround_features(coords: np.ndarray, enh_s: np.ndarray, zooms, *, shell_mm:
     (0, 2, True)
     """
     zooms = np.asarray(zooms, float)
-    pad = np.ceil(ring_mm / zooms).astype(int) + 1
-    lo_c = np.maximum(coords.min(axis=0) - pad, 0)
-    hi_c = np.minimum(coords.max(axis=0) + pad + 1, enh_s.shape)
-    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo_c, hi_c))
-    piece = np.zeros(tuple(hi_c - lo_c), bool)
-    piece[tuple((coords - lo_c).T)] = True
+    sl, piece = _voxel_box(coords, np.ceil(ring_mm / zooms).astype(int) + 1, enh_s.shape)
     values = enh_s[sl]
     peak = float(values[piece].max())
     half = 0.5 * peak
