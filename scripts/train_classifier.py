@@ -124,6 +124,9 @@ def _run(base: Path, nprocs: int, peel_flank_mm: float) -> None:
 
 
 def labelled_candidates(out_dir: Path, truth_dir: Path) -> pd.DataFrame:
+    if not (truth_dir / "truth_lesions.tsv").is_file():
+        raise SystemExit(f"{truth_dir}: no truth_lesions.tsv "
+                         "(the truth folder that lesionpipe phantoms writes)")
     truth_lesions = pd.read_csv(truth_dir / "truth_lesions.tsv", sep="\t")
     rows = []
     for table_file in sorted(out_dir.glob("sub-*/ses-*/anat/*_desc-candidates_table.tsv")):
@@ -149,6 +152,10 @@ def labelled_candidates(out_dir: Path, truth_dir: Path) -> pd.DataFrame:
         table["participant_id"], table["session_id"] = sub, ses
         table["dataset"] = out_dir.parent.name
         rows.append(table)
+    if not rows:
+        raise SystemExit(f"{out_dir}: no candidate table with features "
+                         "(sub-*/ses-*/anat/*_desc-candidates_table.tsv); "
+                         "has the pipeline run there?")
     data = pd.concat(rows, ignore_index=True)
     # only what reaches the classifier in the pipeline: features computed, hard rules passed
     keep = data["contrast_z"].notna() & (data["shell_outside"] <= 0.3) & (data["label"] >= 0)

@@ -156,3 +156,20 @@ def test_redetect_script_reruns_detection_on_the_cache(batch, tmp_path, monkeypa
         assert len(before) == len(after)
         assert np.allclose(before["probability"].fillna(-1), after["probability"].fillna(-1))
         assert not (after.decision.eq("accept") & (after.probability < 0.99)).any()
+
+
+def test_training_script_labels_the_batchs_candidates_and_names_what_is_missing(batch, tmp_path,
+                                                                                 monkeypatch):
+    """scripts/train_classifier.py: candidates labelled against the truth (1 lesion, 0 mimic);
+    a folder without truth or without candidate tables is named, not a pandas traceback."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    import train_classifier
+
+    data = train_classifier.labelled_candidates(batch["out"], TRUTH)
+    assert len(data) and set(data.label) <= {0, 1} and (data.label == 1).sum() >= 1
+    assert data.contrast_z.notna().all()
+    with pytest.raises(SystemExit, match="no truth_lesions.tsv"):
+        train_classifier.labelled_candidates(batch["out"], tmp_path)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SystemExit, match="no candidate table"):
+        train_classifier.labelled_candidates(tmp_path / "out", TRUTH)
